@@ -1,0 +1,460 @@
+"""LoRA-RITE as optax transformations: ``scale_by_lora_rite`` and ``lora_rite``.
+
+The transformation pairs the LoRA factors of a param tree (:mod:`.pairing`),
+stacks adapters of equal canonical shape so that their r×r linear algebra runs
+as one batched call, applies the per-side math of :mod:`.factor_math`, and
+scatters the results back into params-structured updates and state.
+"""
+
+from __future__ import annotations
+
+import collections
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rite_optax import factor_math as fm
+from rite_optax import pairing as pairing_lib
+
+
+class ScaleByLoraRiteState(NamedTuple):
+  """State of :func:`scale_by_lora_rite`. Every field but the counters has the
+  params' tree structure (one leaf per LoRA factor)."""
+
+  count: jax.Array
+  """``[]`` int32 (float32 after some restores): steps applied so far."""
+  skipped: jax.Array
+  """``[]`` int32: steps skipped because a gradient was not finite."""
+  first_moment: optax.Updates
+  """factor-shaped: M, the first moment in the partner's orthonormal basis."""
+  basis: optax.Updates
+  """factor-shaped: U, this factor's orthonormal basis at the last applied step."""
+  second_moment: optax.Updates
+  """``(*batch, r, r)``: V, the second moment of the unmagnified gradient."""
+  escaped_mass: optax.Updates
+  """``(*batch,)``: ρ, the escaped mass (zeros unless ``apply_escape``)."""
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None = None):
+  """Validates Python numbers; arrays (``inject_hyperparams``) pass through."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, (jax.Array, jnp.ndarray)) or hasattr(value, 'dtype'):
+      return
+    raise TypeError(f'{name} must be a real number, got {value!r}.')
+  if value < low or (high is not None and value >= high):
+    bounds = f'[{low}, {high})' if high is not None else f'>= {low}'
+    raise ValueError(f'{name} must be in {bounds}, got {value!r}.')
+
+
+def _check_bool(name: str, value: Any):
+  if not isinstance(value, bool):
+    raise TypeError(f'{name} must be a bool, got {value!r}.')
+
+
+def _paired_or_raise(params: Any, pairing: pairing_lib.Pairing) -> Any:
+  paired = pairing_lib.pair_leaves(params, pairing)
+  if paired.unpaired:
+    raise ValueError(
+        'scale_by_lora_rite only transforms LoRA factors, but these leaves are'
+        f' not factors under pairing {pairing.name!r}: {list(paired.unpaired)}.'
+        ' Use rite_optax.lora_rite (which routes them to a fallback), or'
+        ' optax.partition.'
+    )
+  return paired
+
+
+def _group_by_shape(pairs):
+  """Pairs with equal (rows_a, rows_b, r, dtype) share one stacked computation."""
+  groups = collections.defaultdict(list)
+  for pair in pairs:
+    groups[(pair.a.canonical_shape[1:], pair.b.canonical_shape[1:],
+            fm.compute_dtype(pair.a.dtype))].append(pair)
+  return list(groups.values())
+
+
+def _stack(views, leaves, dtype, shape_fn=None):
+  """Concatenates the canonical views of ``leaves`` along the batch axis."""
+  parts = []
+  for view in views:
+    leaf = leaves[view.index]
+    leaf = view.to_canonical(leaf) if shape_fn is None else shape_fn(view, leaf)
+    parts.append(leaf.astype(dtype))
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+
+def _unstack(stacked, views):
+  offsets = []
+  total = 0
+  for view in views[:-1]:
+    total += view.canonical_shape[0]
+    offsets.append(total)
+  return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
+
+
+def _flat_stats(view, leaf):
+  """``(*batch, r, r)`` or ``(*batch,)`` state leaf -> leading flat batch axis."""
+  return leaf.reshape((view.canonical_shape[0], *leaf.shape[len(view.batch_axes):]))
+
+
+def scale_by_lora_rite(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    relative_eps: bool = False,
+    clip_unmagnified_grad: float = 1.0,
+    update_skipping: float = 1.0,
+    update_capping: float = 0.0,
+    apply_escape: bool = False,
+    pairing: str | pairing_lib.Pairing = 'nnx',
+) -> optax.GradientTransformationExtraArgs:
+  """Rescales LoRA factor gradients by LoRA-RITE's invariant preconditioner.
+
+  For every adapter ``Z = A Bᵀ`` found by ``pairing``, the gradient of each
+  factor is expressed in an orthonormal basis of the other factor (the
+  unmagnified gradient), preconditioned by the inverse root of an r×r second
+  moment that is carried across steps by basis transport, averaged into a
+  first moment, and mapped back. The resulting ``Z``-update is the same for
+  every equivalent pair ``(A R, B R⁻ᵀ)``. Every leaf of the params must be a
+  LoRA factor; :func:`lora_rite` routes other leaves to a fallback.
+
+  A step in which any unmagnified gradient is not finite returns zero updates
+  and leaves the state unchanged except for ``skipped``.
+
+  Example::
+
+    >>> import jax.numpy as jnp, optax, rite_optax
+    >>> params = {'q': {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.zeros((2, 4))}}
+    >>> tx = optax.chain(rite_optax.scale_by_lora_rite(), optax.scale(-1e-2))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+
+  Args:
+    b1: first-moment decay (bias-corrected as in Adafactor).
+    b2: second-moment decay (bias-corrected as in Adafactor).
+    eps: added to the root of the second moment's eigenvalues.
+    relative_eps: scale ``eps`` by ``sqrt(λ_max)`` of each second moment.
+    clip_unmagnified_grad: clip the global norm of all unmagnified gradients to
+      this value; ``<= 0`` disables.
+    update_skipping: zero an adapter's unmagnified gradient when its RMS exceeds
+      this value; ``<= 0`` disables.
+    update_capping: cap the RMS of each first moment at this value before it is
+      applied; ``<= 0`` disables.
+    apply_escape: add the paper's escaped mass to the second moment's
+      eigenvalues.
+    pairing: a preset name (``'nnx'``) or a :class:`rite_optax.Pairing`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+  References:
+    Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
+    for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
+  """
+  _check_number('b1', b1, 0.0, 1.0)
+  _check_number('b2', b2, 0.0, 1.0)
+  _check_number('eps', eps, 0.0)
+  _check_number('clip_unmagnified_grad', clip_unmagnified_grad, -float('inf'))
+  _check_number('update_skipping', update_skipping, -float('inf'))
+  _check_number('update_capping', update_capping, -float('inf'))
+  _check_bool('relative_eps', relative_eps)
+  _check_bool('apply_escape', apply_escape)
+  pairing = pairing_lib.resolve(pairing)
+
+  def init_fn(params):
+    paired = _paired_or_raise(params, pairing)
+    leaves, treedef = jax.tree.flatten(params)
+    moments, bases, seconds, escapes = (list(leaves) for _ in range(4))
+    for pair in paired.pairs:
+      for view in (pair.a, pair.b):
+        dtype = fm.compute_dtype(view.dtype)
+        moments[view.index] = jnp.zeros(view.shape, dtype)
+        bases[view.index] = jnp.zeros(view.shape, dtype)
+        seconds[view.index] = jnp.zeros(view.state_shape(view.rank, view.rank), dtype)
+        escapes[view.index] = jnp.zeros(view.state_shape(), dtype)
+    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    return ScaleByLoraRiteState(
+        count=jnp.zeros([], jnp.int32),
+        skipped=jnp.zeros([], jnp.int32),
+        first_moment=unflatten(moments),
+        basis=unflatten(bases),
+        second_moment=unflatten(seconds),
+        escaped_mass=unflatten(escapes),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError('scale_by_lora_rite needs params: call update(grads, state, params).')
+    paired = _paired_or_raise(params, pairing)
+    grads, treedef = jax.tree.flatten(updates)
+    factors = jax.tree.leaves(params)
+    moments = treedef.flatten_up_to(state.first_moment)
+    bases = treedef.flatten_up_to(state.basis)
+    seconds = treedef.flatten_up_to(state.second_moment)
+    escapes = treedef.flatten_up_to(state.escaped_mass)
+
+    # Phase 1, per stack: bases and unmagnified gradients (needed for the
+    # global clipping norm before any moment can be updated).
+    stacks = []
+    for group in _group_by_shape(paired.pairs):
+      dtype = fm.compute_dtype(group[0].a.dtype)
+      sides = {}
+      for role in ('a', 'b'):
+        views = [getattr(p, role) for p in group]
+        sides[role] = dict(
+            views=views,
+            factor=_stack(views, factors, dtype),
+            grad=_stack(views, grads, dtype),
+        )
+      for role in ('a', 'b'):
+        sides[role]['basis'], sides[role]['r_pinv'] = fm.orthonormal_basis(
+            sides[role]['factor'])
+      for role, partner in (('a', 'b'), ('b', 'a')):
+        side = sides[role]
+        side['gbar'] = fm.unmagnified_gradient(
+            side['grad'], sides[partner]['r_pinv'])
+      stacks.append((dtype, sides))
+
+    dtype = jnp.result_type(*(d for d, _ in stacks)) if stacks else jnp.float32
+    raw_sq = sum(
+        (jnp.sum(jnp.square(s['gbar'])).astype(dtype)
+         for _, sides in stacks for s in sides.values()),
+        start=jnp.zeros([], dtype),
+    )
+    finite = jnp.isfinite(raw_sq)
+    for _, sides in stacks:
+      for side in sides.values():
+        side['gbar'] = fm.skip_large(side['gbar'], update_skipping)
+    grad_sq = sum(
+        (jnp.sum(jnp.square(s['gbar'])).astype(dtype)
+         for _, sides in stacks for s in sides.values()),
+        start=jnp.zeros([], dtype),
+    )
+    grad_norm = jnp.sqrt(grad_sq)
+    clip = jnp.asarray(clip_unmagnified_grad, dtype)
+    clip_scale = jnp.where(
+        (clip > 0) & (grad_norm > clip), clip / jnp.where(grad_norm > 0, grad_norm, 1.0), 1.0)
+
+    # Phase 2, per stack and side: transport, moments, preconditioning.
+    count = state.count.astype(dtype)
+    new_updates = list(grads)
+    new_moments, new_bases = list(moments), list(bases)
+    new_seconds, new_escapes = list(seconds), list(escapes)
+    for stack_dtype, sides in stacks:
+      b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, stack_dtype)).astype(stack_dtype)
+      b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, stack_dtype)).astype(stack_dtype)
+      for role, partner in (('a', 'b'), ('b', 'a')):
+        side, other = sides[role], sides[partner]
+        views = side['views']
+        gbar = side['gbar'] * clip_scale.astype(stack_dtype)
+        transport = fm.basis_transport(
+            other['basis'], _stack(other['views'], bases, stack_dtype))
+        v_old = _stack(views, seconds, stack_dtype, _flat_stats)
+        v_transported = fm.transported_second_moment(v_old, transport)
+        v_new = fm.second_moment(v_transported, gbar, b2_hat)
+        if apply_escape:
+          rho_old = _stack(views, escapes, stack_dtype, _flat_stats)
+          rho_new = b2_hat * (rho_old + fm.escaped_mass(v_old, v_transported))
+        else:
+          rho_new = jnp.zeros(v_new.shape[:1], stack_dtype)
+        inv_root = fm.inverse_root(
+            v_new, rho_new, jnp.asarray(eps, stack_dtype), relative_eps)
+        m_new = fm.first_moment(
+            _stack(views, moments, stack_dtype), transport,
+            fm.precondition(gbar, inv_root), b1_hat)
+        delta = fm.to_parameter_space(
+            fm.cap(m_new, jnp.asarray(update_capping, stack_dtype)),
+            other['r_pinv'])
+        pieces = zip(
+            views,
+            _unstack(delta, views),
+            _unstack(m_new, views),
+            _unstack(side['basis'], views),
+            _unstack(v_new, views),
+            _unstack(rho_new, views),
+        )
+        for view, d, m, u, v, rho in pieces:
+          i = view.index
+          new_updates[i] = jnp.where(
+              finite, view.from_canonical(d), 0.0).astype(grads[i].dtype)
+          new_moments[i] = jnp.where(finite, view.from_canonical(m), moments[i])
+          new_bases[i] = jnp.where(finite, view.from_canonical(u), bases[i])
+          new_seconds[i] = jnp.where(
+              finite, v.reshape(seconds[i].shape), seconds[i])
+          new_escapes[i] = jnp.where(
+              finite, rho.reshape(escapes[i].shape), escapes[i])
+
+    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    return unflatten(new_updates), ScaleByLoraRiteState(
+        count=state.count + finite.astype(state.count.dtype),
+        skipped=state.skipped + (~finite).astype(state.skipped.dtype),
+        first_moment=unflatten(new_moments),
+        basis=unflatten(new_bases),
+        second_moment=unflatten(new_seconds),
+        escaped_mass=unflatten(new_escapes),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def balance_lora_factors(
+    pairing: str | pairing_lib.Pairing = 'nnx',
+) -> optax.GradientTransformationExtraArgs:
+  """Rescales each adapter's new factors to equal Frobenius norms.
+
+  Changes ``updates`` so that ``params + updates`` becomes ``(c·A', B'/c)`` with
+  ``‖c·A'‖ = ‖B'/c‖`` per adapter: the product ``A' B'ᵀ`` is unchanged, so the
+  LoRA delta and LoRA-RITE's trajectory are too. Adapters with an all-zero
+  factor are left as they are. Leaves that are not factors pass through. Put it
+  last in a chain: it needs the final updates.
+  """
+  pairing = pairing_lib.resolve(pairing)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError('balance_lora_factors needs params.')
+    paired = pairing_lib.pair_leaves(params, pairing)
+    deltas, treedef = jax.tree.flatten(updates)
+    factors = jax.tree.leaves(params)
+    out = list(deltas)
+    for pair in paired.pairs:
+      dtype = fm.compute_dtype(pair.a.dtype)
+      new = {
+          role: (view.to_canonical(factors[view.index]).astype(dtype)
+                 + view.to_canonical(deltas[view.index]).astype(dtype))
+          for role, view in (('a', pair.a), ('b', pair.b))
+      }
+      norm_a, norm_b = (jnp.linalg.norm(new[r], axis=(-2, -1)) for r in 'ab')
+      ok = (norm_a > 0) & (norm_b > 0)
+      c = jnp.where(ok, jnp.sqrt(norm_b / jnp.where(ok, norm_a, 1.0)), 1.0)
+      for role, view, scale in (('a', pair.a, c), ('b', pair.b, 1.0 / c)):
+        balanced = new[role] * scale[:, None, None]
+        out[view.index] = (
+            view.from_canonical(balanced)
+            - factors[view.index].astype(dtype)).astype(deltas[view.index].dtype)
+    return jax.tree.unflatten(treedef, out), state
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(), update_fn)
+
+
+UNPAIRED_CHOICES = ('adamw', 'zero', 'error')
+
+
+def factor_labels(
+    pairing: str | pairing_lib.Pairing = 'nnx', unpaired: str = 'adamw'
+) -> Callable[[Any], Any]:
+  """Returns ``params -> labels``: ``'lora_rite'`` for factors, else ``'unpaired'``.
+
+  With ``unpaired='error'`` the function raises, naming every leaf that is not
+  a factor. Use it with ``optax.partition`` to build your own combinations.
+  """
+  pairing = pairing_lib.resolve(pairing)
+
+  def labels(params):
+    paired = pairing_lib.pair_leaves(params, pairing)
+    if unpaired == 'error' and paired.unpaired:
+      raise ValueError(
+          f"unpaired='error', but these leaves are not LoRA factors under"
+          f' pairing {pairing.name!r}: {list(paired.unpaired)}. Freeze them'
+          " (optax.partition with optax.set_to_zero) or pass unpaired='adamw'."
+      )
+    leaves, treedef = jax.tree.flatten(params)
+    factor_indices = paired.factor_indices
+    return jax.tree.unflatten(treedef, [
+        'lora_rite' if i in factor_indices else 'unpaired'
+        for i in range(len(leaves))
+    ])
+
+  return labels
+
+
+def lora_rite(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    relative_eps: bool = False,
+    clip_unmagnified_grad: float = 1.0,
+    update_skipping: float = 1.0,
+    update_capping: float = 0.0,
+    weight_decay: float = 0.0,
+    apply_escape: bool = False,
+    balance_factors: bool = False,
+    pairing: str | pairing_lib.Pairing = 'nnx',
+    unpaired: str = 'adamw',
+    unpaired_learning_rate: optax.ScalarOrSchedule | None = None,
+    unpaired_weight_decay: float = 1e-4,
+) -> optax.GradientTransformationExtraArgs:
+  """LoRA-RITE for LoRA factors, with a fallback for every other trainable leaf.
+
+  The factors found by ``pairing`` get :func:`scale_by_lora_rite`, then
+  ``weight_decay·param`` (outside the preconditioner, as in the paper's code),
+  then ``-learning_rate``. Leaves that are not factors (biases, norms, heads)
+  are handled as ``unpaired`` says: ``'adamw'`` (``optax.adamw`` with ``b1``,
+  ``b2``, ``eps=1e-8``, ``unpaired_learning_rate`` defaulting to
+  ``learning_rate``, and ``unpaired_weight_decay``), ``'zero'`` (frozen), or
+  ``'error'`` (raise at ``init``, naming them).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp, optax, rite_optax
+    >>> params = {'q': {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.zeros((2, 4))},
+    ...           'bias': jnp.zeros(4)}
+    >>> tx = rite_optax.lora_rite(optax.cosine_decay_schedule(1e-3, 1000))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  Args:
+    learning_rate: a number or an ``optax`` schedule.
+    b1, b2, eps, relative_eps, clip_unmagnified_grad, update_skipping,
+      update_capping, apply_escape, pairing: see :func:`scale_by_lora_rite`.
+    weight_decay: coupled weight decay ``Δ += weight_decay·param`` on factors.
+    balance_factors: after each step, rescale every adapter's factors to equal
+      Frobenius norms (product unchanged), see :func:`balance_lora_factors`.
+    unpaired: ``'adamw'``, ``'zero'`` or ``'error'``.
+    unpaired_learning_rate: learning rate of the AdamW fallback.
+    unpaired_weight_decay: weight decay of the AdamW fallback.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+  References:
+    Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
+    for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
+  """
+  if unpaired not in UNPAIRED_CHOICES:
+    raise ValueError(
+        f'unpaired must be one of {UNPAIRED_CHOICES}, got {unpaired!r}.')
+  _check_number('weight_decay', weight_decay, 0.0)
+  _check_number('unpaired_weight_decay', unpaired_weight_decay, 0.0)
+  _check_bool('balance_factors', balance_factors)
+  rite = optax.chain(
+      scale_by_lora_rite(
+          b1=b1, b2=b2, eps=eps, relative_eps=relative_eps,
+          clip_unmagnified_grad=clip_unmagnified_grad,
+          update_skipping=update_skipping, update_capping=update_capping,
+          apply_escape=apply_escape, pairing=pairing),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+  if unpaired == 'adamw':
+    fallback = optax.adamw(
+        learning_rate if unpaired_learning_rate is None else unpaired_learning_rate,
+        b1=b1, b2=b2, eps=1e-8, weight_decay=unpaired_weight_decay)
+  else:
+    fallback = optax.set_to_zero()
+  tx = optax.partition(
+      {'lora_rite': rite, 'unpaired': fallback},
+      factor_labels(pairing, unpaired))
+  if balance_factors:
+    tx = optax.chain(tx, balance_lora_factors(pairing))
+  return optax.with_extra_args_support(tx)
