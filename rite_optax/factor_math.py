@@ -48,13 +48,17 @@ def bias_corrected_decay(count: jax.Array, decay: jax.Array) -> jax.Array:
 def orthonormal_basis(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """An orthonormal basis U of the columns of x and R⁺ with ``x = U R``.
 
-  Taken from the eigendecomposition of the r×r Gram matrix ``xᵀx = W Σ² Wᵀ``:
-  ``R = Σ Wᵀ``, ``R⁺ = W Σ⁺`` and ``U = x R⁺``. This costs two thin matmuls and
-  one batched r×r eigh instead of a Householder QR, and on a mesh only the r×r
-  Gram crosses devices. ALGORITHM.md §4: any orthonormal basis gives the same
-  update. Directions with ``σ² ≤ r·eps·σ²_max`` (rank deficiency, including the
-  all-zero ``lora_b`` of standard LoRA init) get ``1/σ = 0``, i.e. the
-  pseudo-inverse, and a zero column in U.
+  Matmul-only, so on a mesh only r×r Gram matrices cross devices
+  (ALGORITHM.md §4: any orthonormal basis gives the same update):
+
+  1. ``xᵀx = W Σ² Wᵀ`` (batched r×r eigh), ``U₁ = x W Σ⁺``. Directions with
+     ``σ² ≤ r·eps·σ²_max`` (rank deficiency, including the all-zero ``lora_b``
+     of standard LoRA init) get ``1/σ = 0``: the pseudo-inverse, and a zero
+     column in U.
+  2. The Gram matrix squares the condition number, so ``U₁ᵀU₁ = I + O(eps·κ²)``.
+     As in CholeskyQR2, ``U₁ᵀU₁ = L Lᵀ`` and ``U = U₁ L⁻ᵀ`` restore orthonormality
+     to O(eps) for κ up to ~eps^-½ (1e8 in float64, 3e3 in float32). Where that
+     Cholesky fails the first-pass basis is kept.
 
   Args:
     x: ``(batch, rows, r)``.
@@ -62,13 +66,27 @@ def orthonormal_basis(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   Returns:
     ``(U, R⁺)`` of shapes ``(batch, rows, r)`` and ``(batch, r, r)``.
   """
+  r = x.shape[-1]
   sigma2, w = jnp.linalg.eigh(symmetrize(_mm('bnr,bns->brs', x, x)))
   sigma2 = jnp.maximum(sigma2, 0.0)
-  rank_tol = x.shape[-1] * jnp.finfo(x.dtype).eps
+  rank_tol = r * jnp.finfo(x.dtype).eps
   keep = sigma2 > rank_tol * jnp.max(sigma2, axis=-1, keepdims=True)
   inv_sigma = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, sigma2, 1.0)), 0.0)
-  r_pinv = w * inv_sigma[..., None, :]
-  return _mm('bnr,brs->bns', x, r_pinv), r_pinv
+  r1_pinv = w * inv_sigma[..., None, :]
+  u1 = _mm('bnr,brs->bns', x, r1_pinv)
+
+  # Dropped directions are exact zero columns of U₁: a unit diagonal there
+  # keeps the Cholesky factor invertible without mixing them in.
+  gram1 = symmetrize(_mm('bnr,bns->brs', u1, u1))
+  gram1 = gram1 + jnp.eye(r, dtype=x.dtype) * (~keep)[..., None, :]
+  chol = jnp.linalg.cholesky(gram1)
+  r2_inv = jax.scipy.linalg.solve_triangular(
+      chol, jnp.broadcast_to(jnp.eye(r, dtype=x.dtype), chol.shape), lower=True
+  )
+  r2_inv = jnp.swapaxes(r2_inv, -1, -2)  # L⁻ᵀ
+  ok = jnp.all(jnp.isfinite(r2_inv), axis=(-2, -1), keepdims=True)
+  r2_inv = jnp.where(ok, r2_inv, jnp.eye(r, dtype=x.dtype))
+  return _mm('bnr,brs->bns', u1, r2_inv), _mm('brs,bst->brt', r1_pinv, r2_inv)
 
 
 def unmagnified_gradient(grad: jax.Array, partner_r_pinv: jax.Array) -> jax.Array:
@@ -126,12 +144,15 @@ def inverse_root(
 
   With ``relative_eps`` the ε is ``eps·sqrt(λ_max)``: relative to the largest
   singular value of the unmagnified gradient statistics, so that the update is
-  invariant to the scale of the loss.
+  invariant to the scale of the loss. Where V = 0 (a skipped adapter, or the
+  ``lora_a`` side at LoRA init) ḡ is zero too and the plain ``eps`` keeps the
+  preconditioner finite.
   """
   lam, q = jnp.linalg.eigh(v)
   lam = jnp.maximum(lam, 0.0)
   if relative_eps:
-    eps = eps * jnp.sqrt(jnp.max(lam, axis=-1, keepdims=True))
+    lam_max = jnp.max(lam, axis=-1, keepdims=True)
+    eps = jnp.where(lam_max > 0, eps * jnp.sqrt(lam_max), eps)
   scale = 1.0 / (jnp.sqrt(lam + rho[:, None]) + eps)
   return symmetrize(_mm('brs,bs,bts->brt', q, scale, q))
 

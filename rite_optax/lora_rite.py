@@ -108,6 +108,7 @@ def scale_by_lora_rite(
     clip_unmagnified_grad: float = 1.0,
     update_skipping: float = 1.0,
     update_capping: float = 0.0,
+    weight_decay: float = 0.0,
     apply_escape: bool = False,
     pairing: str | pairing_lib.Pairing = 'nnx',
 ) -> optax.GradientTransformationExtraArgs:
@@ -122,7 +123,8 @@ def scale_by_lora_rite(
   LoRA factor; :func:`lora_rite` routes other leaves to a fallback.
 
   A step in which any unmagnified gradient is not finite returns zero updates
-  and leaves the state unchanged except for ``skipped``.
+  (weight decay included) and leaves the state unchanged except for
+  ``skipped``.
 
   Example::
 
@@ -144,6 +146,8 @@ def scale_by_lora_rite(
       this value; ``<= 0`` disables.
     update_capping: cap the RMS of each first moment at this value before it is
       applied; ``<= 0`` disables.
+    weight_decay: adds ``weight_decay·factor`` to each factor's update, outside
+      the preconditioner (ALGORITHM.md §2 step 11).
     apply_escape: add the paper's escaped mass to the second moment's
       eigenvalues.
     pairing: a preset name (``'nnx'``) or a :class:`rite_optax.Pairing`.
@@ -161,6 +165,7 @@ def scale_by_lora_rite(
   _check_number('clip_unmagnified_grad', clip_unmagnified_grad, -float('inf'))
   _check_number('update_skipping', update_skipping, -float('inf'))
   _check_number('update_capping', update_capping, -float('inf'))
+  _check_number('weight_decay', weight_decay, 0.0)
   _check_bool('relative_eps', relative_eps)
   _check_bool('apply_escape', apply_escape)
   pairing = pairing_lib.resolve(pairing)
@@ -269,7 +274,7 @@ def scale_by_lora_rite(
             fm.precondition(gbar, inv_root), b1_hat)
         delta = fm.to_parameter_space(
             fm.cap(m_new, jnp.asarray(update_capping, stack_dtype)),
-            other['r_pinv'])
+            other['r_pinv']) + jnp.asarray(weight_decay, stack_dtype) * side['factor']
         pieces = zip(
             views,
             _unstack(delta, views),
@@ -310,7 +315,7 @@ def balance_lora_factors(
   Changes ``updates`` so that ``params + updates`` becomes ``(c·A', B'/c)`` with
   ``‖c·A'‖ = ‖B'/c‖`` per adapter: the product ``A' B'ᵀ`` is unchanged, so the
   LoRA delta and LoRA-RITE's trajectory are too. Adapters with an all-zero
-  factor are left as they are. Leaves that are not factors pass through. Put it
+  factor or a zero update (a skipped step) keep their update unchanged. Leaves that are not factors pass through. Put it
   last in a chain: it needs the final updates.
   """
   pairing = pairing_lib.resolve(pairing)
@@ -325,19 +330,22 @@ def balance_lora_factors(
     out = list(deltas)
     for pair in paired.pairs:
       dtype = fm.compute_dtype(pair.a.dtype)
-      new = {
-          role: (view.to_canonical(factors[view.index]).astype(dtype)
-                 + view.to_canonical(deltas[view.index]).astype(dtype))
-          for role, view in (('a', pair.a), ('b', pair.b))
-      }
-      norm_a, norm_b = (jnp.linalg.norm(new[r], axis=(-2, -1)) for r in 'ab')
-      ok = (norm_a > 0) & (norm_b > 0)
-      c = jnp.where(ok, jnp.sqrt(norm_b / jnp.where(ok, norm_a, 1.0)), 1.0)
+      old, step = {}, {}
+      for role, view in (('a', pair.a), ('b', pair.b)):
+        old[role] = view.to_canonical(factors[view.index]).astype(dtype)
+        step[role] = view.to_canonical(deltas[view.index]).astype(dtype)
+      new = {role: old[role] + step[role] for role in 'ab'}
+      norm_a, norm_b = (jnp.linalg.norm(new[role], axis=(-2, -1)) for role in 'ab')
+      moved = jnp.any(step['a'] != 0, axis=(-2, -1)) | jnp.any(step['b'] != 0, axis=(-2, -1))
+      # Adapters that did not move (a skipped step) or have a zero factor keep
+      # their update bit for bit: (p + u)·1 - p is not u in floating point.
+      ok = moved & (norm_a > 0) & (norm_b > 0)
+      c = jnp.sqrt(norm_b / jnp.where(ok, norm_a, 1.0))
       for role, view, scale in (('a', pair.a, c), ('b', pair.b, 1.0 / c)):
-        balanced = new[role] * scale[:, None, None]
-        out[view.index] = (
-            view.from_canonical(balanced)
-            - factors[view.index].astype(dtype)).astype(deltas[view.index].dtype)
+        balanced = new[role] * scale[:, None, None] - old[role]
+        out[view.index] = view.from_canonical(
+            jnp.where(ok[:, None, None], balanced, step[role])
+        ).astype(deltas[view.index].dtype)
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformationExtraArgs(
@@ -394,9 +402,9 @@ def lora_rite(
 ) -> optax.GradientTransformationExtraArgs:
   """LoRA-RITE for LoRA factors, with a fallback for every other trainable leaf.
 
-  The factors found by ``pairing`` get :func:`scale_by_lora_rite`, then
-  ``weight_decay·param`` (outside the preconditioner, as in the paper's code),
-  then ``-learning_rate``. Leaves that are not factors (biases, norms, heads)
+  The factors found by ``pairing`` get :func:`scale_by_lora_rite` (with
+  ``weight_decay·param`` added outside the preconditioner, as in the paper's
+  code), then ``-learning_rate``. Leaves that are not factors (biases, norms, heads)
   are handled as ``unpaired`` says: ``'adamw'`` (``optax.adamw`` with ``b1``,
   ``b2``, ``eps=1e-8``, ``unpaired_learning_rate`` defaulting to
   ``learning_rate``, and ``unpaired_weight_decay``), ``'zero'`` (frozen), or
@@ -434,7 +442,6 @@ def lora_rite(
   if unpaired not in UNPAIRED_CHOICES:
     raise ValueError(
         f'unpaired must be one of {UNPAIRED_CHOICES}, got {unpaired!r}.')
-  _check_number('weight_decay', weight_decay, 0.0)
   _check_number('unpaired_weight_decay', unpaired_weight_decay, 0.0)
   _check_bool('balance_factors', balance_factors)
   rite = optax.chain(
@@ -442,8 +449,7 @@ def lora_rite(
           b1=b1, b2=b2, eps=eps, relative_eps=relative_eps,
           clip_unmagnified_grad=clip_unmagnified_grad,
           update_skipping=update_skipping, update_capping=update_capping,
-          apply_escape=apply_escape, pairing=pairing),
-      optax.add_decayed_weights(weight_decay),
+          weight_decay=weight_decay, apply_escape=apply_escape, pairing=pairing),
       optax.scale_by_learning_rate(learning_rate),
   )
   if unpaired == 'adamw':
