@@ -11,6 +11,13 @@ Every run is then repeated from the equivalent start ``(s·lora_a, lora_b/s)``
 for each factor scale ``s``: the network function is the same, so an
 invariant optimizer must reach the same loss. LoRA-RITE does; Adam does not.
 
+The default peak learning rates come from a sweep over {0.01, 0.02, 0.03,
+0.05, 0.1} for each optimizer at ``s = 1`` (600 steps): 0.03 is best for both
+with seed 0, 0.05 for both with seed 1 (0.03 second). On this small
+regression task Adam, tuned at ``s = 1``, ends lower than LoRA-RITE; what the
+demo shows is that Adam's result depends on how the adapter is split into
+factors and LoRA-RITE's does not.
+
 Outputs (in ``--out-dir``): ``loss_curves.png`` (training loss per step, one
 curve per scale, per optimizer), ``invariance.png`` (final held-out loss
 against ``s``) and ``results.json`` (the numbers behind the printed summary).
@@ -46,7 +53,7 @@ class LoRAMLP(nnx.Module):
   def __init__(self, widths: Sequence[int], rank: int, rngs: nnx.Rngs):
     self.layers = nnx.List([
         nnx.LoRALinear(d_in, d_out, lora_rank=rank, rngs=rngs)
-        for d_in, d_out in zip(widths[:-1], widths[1:])
+        for d_in, d_out in zip(widths[:-1], widths[1:], strict=True)
     ])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -65,7 +72,7 @@ def make_task(rank: int, seed: int) -> tuple[LoRAMLP, LoRAMLP]:
   student = LoRAMLP(WIDTHS, rank, nnx.Rngs(seed))
   teacher = LoRAMLP(WIDTHS, TEACHER_RANK, nnx.Rngs(seed + 1))
   keys = iter(jax.random.split(jax.random.key(seed + 2), 2 * len(WIDTHS)))
-  for s_layer, t_layer in zip(student.layers, teacher.layers):
+  for s_layer, t_layer in zip(student.layers, teacher.layers, strict=True):
     t_layer.kernel[...] = s_layer.kernel[...]
     t_layer.bias[...] = s_layer.bias[...]
     lora = t_layer.lora
@@ -185,6 +192,11 @@ def summary_table(runs: list[Run], args: argparse.Namespace, initial_loss: float
     finals = [next(r for r in runs if r.optimizer == n and r.scale == scale).final_loss
               for n in names]
     lines.append(f'{scale:<10g}' + ''.join(f'{f:>12.4g}' for f in finals))
+  lines += [
+      '',
+      'Each s starts from (s·lora_a, lora_b/s): the same network. An invariant optimizer'
+      ' gives worst/best = 1.',
+  ]
   return '\n'.join(lines)
 
 
@@ -198,8 +210,8 @@ def plot(runs: list[Run], args: argparse.Namespace, out_dir: pathlib.Path) -> li
   names = ['lora_rite', 'adam']
   colors = plt.cm.viridis(np.linspace(0, 0.9, len(args.scales)))
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-  for ax, name in zip(axes, names):
-    for color, scale in zip(colors, args.scales):
+  for ax, name in zip(axes, names, strict=True):
+    for color, scale in zip(colors, args.scales, strict=True):
       run = next(r for r in runs if r.optimizer == name and r.scale == scale)
       ax.plot(np.arange(1, args.steps + 1), run.losses, color=color, lw=1, label=f's = {scale:g}')
     ax.set(title=name, xlabel='step', yscale='log')
@@ -212,7 +224,7 @@ def plot(runs: list[Run], args: argparse.Namespace, out_dir: pathlib.Path) -> li
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  for name, marker in zip(names, 'os'):
+  for name, marker in zip(names, 'os', strict=True):
     finals = [next(r for r in runs if r.optimizer == name and r.scale == s).final_loss
               for s in args.scales]
     ax.plot(args.scales, finals, marker=marker, label=name)
