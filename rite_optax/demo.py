@@ -251,13 +251,14 @@ def parser() -> argparse.ArgumentParser:
       prog='rite-optax',
       description='LoRA-RITE vs Adam on an embedded Flax NNX LoRA task (no downloads):'
       ' loss curves, a summary table and the factor-scale invariance curve.',
+      epilog='Example, a quick look: rite-optax --steps 200 --scales 0.1,1,10 --out-dir /tmp/demo',
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument('--steps', type=int, default=600, help='optimizer steps per run')
   p.add_argument('--rank', type=int, default=4,
                  help=f'LoRA rank of the student (the teacher has rank {TEACHER_RANK})')
   p.add_argument('--rite-lr', type=float, default=3e-2, help='peak learning rate of LoRA-RITE')
   p.add_argument('--adam-lr', type=float, default=3e-2, help='peak learning rate of Adam')
-  p.add_argument('--scales', type=parse_scales, default=[0.01, 0.1, 1.0, 10.0, 100.0],
+  p.add_argument('--scales', type=parse_scales, default='0.01,0.1,1,10,100',
                  help='comma-separated factor scales s; each run starts from'
                  ' (s·lora_a, lora_b/s)')
   p.add_argument('--batch-size', type=int, default=64, help='fresh inputs per step')
