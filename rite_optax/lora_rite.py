@@ -203,27 +203,25 @@ def scale_by_lora_rite(
     seconds = treedef.flatten_up_to(state.second_moment)
     escapes = treedef.flatten_up_to(state.escaped_mass)
 
-    # Phase 1, per stack: bases and unmagnified gradients (needed for the
-    # global clipping norm before any moment can be updated).
+    # Phase 1: bases and unmagnified gradients of every stack (the global
+    # clipping norm needs all of them before any moment can be updated).
     stacks = []
     for group in _group_by_shape(paired.pairs):
       dtype = fm.compute_dtype(group[0].a.dtype)
       sides = {}
       for role in ('a', 'b'):
         views = [getattr(p, role) for p in group]
-        sides[role] = dict(
-            views=views,
-            factor=_stack(views, factors, dtype),
-            grad=_stack(views, grads, dtype),
-        )
-      for role in ('a', 'b'):
-        sides[role]['basis'], sides[role]['r_pinv'] = fm.orthonormal_basis(
-            sides[role]['factor'])
-      for role, partner in (('a', 'b'), ('b', 'a')):
-        side = sides[role]
-        side['gbar'] = fm.unmagnified_gradient(
-            side['grad'], sides[partner]['r_pinv'])
+        factor = _stack(views, factors, dtype)
+        sides[role] = dict(views=views, factor=factor, grad=_stack(views, grads, dtype),
+                           gram=fm.gram(factor))
       stacks.append((dtype, sides))
+    all_sides = [side for _, sides in stacks for side in sides.values()]
+    for side, gram_eigh in zip(all_sides, fm.eigh_each([s['gram'] for s in all_sides])):
+      side['basis'], side['r_pinv'] = fm.orthonormal_basis(side['factor'], gram_eigh)
+    for _, sides in stacks:
+      for role, partner in (('a', 'b'), ('b', 'a')):
+        sides[role]['gbar'] = fm.unmagnified_gradient(
+            sides[role]['grad'], sides[partner]['r_pinv'])
 
     dtype = jnp.result_type(*(d for d, _ in stacks)) if stacks else jnp.float32
     raw_sq = sum(
@@ -245,33 +243,47 @@ def scale_by_lora_rite(
     clip_scale = jnp.where(
         (clip > 0) & (grad_norm > clip), clip / jnp.where(grad_norm > 0, grad_norm, 1.0), 1.0)
 
-    # Phase 2, per stack and side: transport, moments, preconditioning.
+    # Phase 2: transport and second moments of every side, one batched eigh
+    # for all of them, then preconditioning and the first moments.
     count = state.count.astype(dtype)
+    for stack_dtype, sides in stacks:
+      b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, stack_dtype)).astype(stack_dtype)
+      for role, partner in (('a', 'b'), ('b', 'a')):
+        side, other = sides[role], sides[partner]
+        side['gbar'] = side['gbar'] * clip_scale.astype(stack_dtype)
+        side['transport'] = fm.basis_transport(
+            other['basis'], _stack(other['views'], bases, stack_dtype))
+        side['v_old'] = _stack(side['views'], seconds, stack_dtype, _flat_stats)
+        side['v_transported'] = fm.transported_second_moment(side['v_old'], side['transport'])
+        side['v_new'] = fm.second_moment(side['v_transported'], side['gbar'], b2_hat)
+        side['b2_hat'] = b2_hat
+    to_decompose = [s['v_new'] for s in all_sides]
+    if apply_escape:
+      to_decompose += [s['v_old'] for s in all_sides] + [s['v_transported'] for s in all_sides]
+    decomposed = fm.eigh_each(to_decompose)
+    n = len(all_sides)
+    for i, side in enumerate(all_sides):
+      side['v_eigh'] = decomposed[i]
+      if apply_escape:
+        rho_old = _stack(side['views'], escapes, side['v_new'].dtype, _flat_stats)
+        side['rho'] = side['b2_hat'] * (rho_old + fm.escaped_mass(
+            side['v_old'], side['v_transported'], decomposed[n + i][0], decomposed[2 * n + i][0]))
+      else:
+        side['rho'] = jnp.zeros(side['v_new'].shape[:1], side['v_new'].dtype)
+
     new_updates = list(grads)
     new_moments, new_bases = list(moments), list(bases)
     new_seconds, new_escapes = list(seconds), list(escapes)
     for stack_dtype, sides in stacks:
       b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, stack_dtype)).astype(stack_dtype)
-      b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, stack_dtype)).astype(stack_dtype)
       for role, partner in (('a', 'b'), ('b', 'a')):
         side, other = sides[role], sides[partner]
         views = side['views']
-        gbar = side['gbar'] * clip_scale.astype(stack_dtype)
-        transport = fm.basis_transport(
-            other['basis'], _stack(other['views'], bases, stack_dtype))
-        v_old = _stack(views, seconds, stack_dtype, _flat_stats)
-        v_transported = fm.transported_second_moment(v_old, transport)
-        v_new = fm.second_moment(v_transported, gbar, b2_hat)
-        if apply_escape:
-          rho_old = _stack(views, escapes, stack_dtype, _flat_stats)
-          rho_new = b2_hat * (rho_old + fm.escaped_mass(v_old, v_transported))
-        else:
-          rho_new = jnp.zeros(v_new.shape[:1], stack_dtype)
         inv_root = fm.inverse_root(
-            v_new, rho_new, jnp.asarray(eps, stack_dtype), relative_eps)
+            side['v_eigh'], side['rho'], jnp.asarray(eps, stack_dtype), relative_eps)
         m_new = fm.first_moment(
-            _stack(views, moments, stack_dtype), transport,
-            fm.precondition(gbar, inv_root), b1_hat)
+            _stack(views, moments, stack_dtype), side['transport'],
+            fm.precondition(side['gbar'], inv_root), b1_hat)
         delta = fm.to_parameter_space(
             fm.cap(m_new, jnp.asarray(update_capping, stack_dtype)),
             other['r_pinv']) + jnp.asarray(weight_decay, stack_dtype) * side['factor']
@@ -280,8 +292,8 @@ def scale_by_lora_rite(
             _unstack(delta, views),
             _unstack(m_new, views),
             _unstack(side['basis'], views),
-            _unstack(v_new, views),
-            _unstack(rho_new, views),
+            _unstack(side['v_new'], views),
+            _unstack(side['rho'], views),
         )
         for view, d, m, u, v, rho in pieces:
           i = view.index
