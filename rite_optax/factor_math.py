@@ -45,9 +45,29 @@ def bias_corrected_decay(count: jax.Array, decay: jax.Array) -> jax.Array:
   return decay * (1.0 - decay**count) / (1.0 - decay ** (count + 1.0))
 
 
-def gram(x: jax.Array) -> jax.Array:
-  """xᵀx, ``(batch, rows, r) -> (batch, r, r)``: on a mesh, an r×r all-reduce."""
-  return symmetrize(_mm('bnr,bns->brs', x, x))
+def gram(x: jax.Array, rank_major: bool = False) -> jax.Array:
+  """Xᵀ X, ``(batch, r, r)``: on a mesh, an r×r all-reduce.
+
+  Thin factor-sized arrays come in the layout they are stored in, so that no
+  transpose is ever materialised: ``(batch, rows, r)`` or, when ``rank_major``,
+  ``(batch, r, rows)`` (the layout of ``lora_b (r, n)``).
+  """
+  return symmetrize(cross_gram(x, x, rank_major))
+
+
+def cross_gram(x: jax.Array, y: jax.Array, rank_major: bool = False) -> jax.Array:
+  """Xᵀ Y, ``(batch, r, r)``, for thin X and Y in the same layout."""
+  return _mm('brn,bsn->brs' if rank_major else 'bnr,bns->brs', x, y)
+
+
+def matmul(x: jax.Array, small: jax.Array, rank_major: bool = False) -> jax.Array:
+  """X S for thin X and ``small`` S ``(batch, r, s)``, in X's layout."""
+  return _mm('brs,brn->bsn', small, x) if rank_major else _mm('bnr,brs->bns', x, small)
+
+
+def matmul_t(x: jax.Array, small: jax.Array, rank_major: bool = False) -> jax.Array:
+  """X Sᵀ for thin X and ``small`` S ``(batch, s, r)``, in X's layout."""
+  return _mm('bsr,brn->bsn', small, x) if rank_major else _mm('bnr,bsr->bns', x, small)
 
 
 def eigh_each(matrices: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
@@ -81,72 +101,104 @@ def eigh_each(matrices: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
   return results
 
 
+def gram_pseudo_inverse(
+    gram_eigh: tuple[jax.Array, jax.Array], dtype
+) -> tuple[jax.Array, jax.Array]:
+  """R₁⁺ = W Σ⁺ from ``xᵀx = W Σ² Wᵀ``, so that ``U₁ = x R₁⁺`` is a basis of x.
+
+  First half of :func:`orthonormal_basis`'s recipe. Directions with
+  ``σ² ≤ r·eps·σ²_max`` (rank deficiency, including the all-zero ``lora_b`` of
+  standard LoRA init) get ``1/σ = 0``: the pseudo-inverse, and a zero column in U₁.
+
+  Returns:
+    ``(R₁⁺ (batch, r, r), kept directions (batch, r) bool)``.
+  """
+  sigma2, w = gram_eigh
+  sigma2 = jnp.maximum(sigma2, 0.0)
+  rank_tol = w.shape[-1] * jnp.finfo(dtype).eps
+  keep = sigma2 > rank_tol * jnp.max(sigma2, axis=-1, keepdims=True)
+  inv_sigma = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, sigma2, 1.0)), 0.0)
+  return w * inv_sigma[..., None, :], keep
+
+
+def orthonormality_correction(u1_gram: jax.Array, keep: jax.Array) -> jax.Array:
+  """Y ≈ (U₁ᵀU₁)^-½ on the kept directions, identity elsewhere, ``(batch, r, r)``.
+
+  The Gram matrix squares the condition number, so ``U₁ᵀU₁ = I + E`` with
+  ``‖E‖ = O(eps·κ²)``. Two Newton–Schulz steps leave an error O(‖E‖⁴), so
+  ``U = U₁ Y`` is orthonormal to O(eps) for κ up to ~eps^-⅜ (1e6 in float64,
+  400 in float32) and much better than U₁ beyond. Where ``‖E‖ ≥ ½`` the
+  iteration may diverge and Y = I keeps U₁.
+  """
+  eye = jnp.eye(u1_gram.shape[-1], dtype=u1_gram.dtype)
+  kept_eye = eye * keep[..., None, :]
+  y = kept_eye
+  for _ in range(2):  # Y ← ½ Y (3I - G Y²): quadratic convergence to G^-½
+    y = 0.5 * _mm('brs,bst->brt', y, 3.0 * kept_eye - _mm('brs,bst,btu->bru', u1_gram, y, y))
+  converges = jnp.max(jnp.abs(u1_gram - kept_eye), axis=(-2, -1), keepdims=True) < 0.5
+  ok = converges & jnp.all(jnp.isfinite(y), axis=(-2, -1), keepdims=True)
+  return jnp.where(ok, y + (eye - kept_eye), eye)
+
+
 def orthonormal_basis(
-    x: jax.Array, gram_eigh: tuple[jax.Array, jax.Array]
+    x: jax.Array, gram_eigh: tuple[jax.Array, jax.Array], rank_major: bool = False
 ) -> tuple[jax.Array, jax.Array]:
   """An orthonormal basis U of the columns of x and R⁺ with ``x = U R``.
 
-  Matmul-only given the eigendecomposition of the Gram matrix, so on a mesh
-  only r×r matrices cross devices (ALGORITHM.md §4: any orthonormal basis gives
-  the same update):
-
-  1. ``xᵀx = W Σ² Wᵀ``, ``U₁ = x W Σ⁺``. Directions with ``σ² ≤ r·eps·σ²_max``
-     (rank deficiency, including the all-zero ``lora_b`` of standard LoRA init)
-     get ``1/σ = 0``: the pseudo-inverse, and a zero column in U.
-  2. The Gram matrix squares the condition number: ``U₁ᵀU₁ = I + E`` with
-     ``‖E‖ = O(eps·κ²)``. Two Newton–Schulz steps on the r×r matrix give
-     ``Y ≈ (I + E)^-½`` with error O(‖E‖⁴), and ``U = U₁ Y`` is orthonormal to
-     O(eps) for κ up to ~eps^-⅜ (1e6 in float64, 400 in float32) and much better
-     than U₁ beyond. Where ``‖E‖ ≥ ½`` the iteration may diverge; U₁ is kept.
+  Matmul-only given the eigendecomposition of the Gram matrix ``xᵀx``, so on a
+  mesh only r×r matrices cross devices (ALGORITHM.md §4: any orthonormal basis
+  gives the same update): ``U₁ = x R₁⁺`` (:func:`gram_pseudo_inverse`), then
+  ``U = U₁ Y`` (:func:`orthonormality_correction`) and ``R⁺ = R₁⁺ Y``.
 
   Args:
-    x: ``(batch, rows, r)``.
+    x: ``(batch, rows, r)``, or ``(batch, r, rows)`` when ``rank_major``.
     gram_eigh: ``(σ², W)`` of :func:`gram` ``(x)``, from :func:`eigh_each`.
+    rank_major: the layout of x (see :func:`gram`).
 
   Returns:
-    ``(U, R⁺)`` of shapes ``(batch, rows, r)`` and ``(batch, r, r)``.
+    ``(U, R⁺)``: U in x's layout and ``(batch, r, r)``.
   """
-  sigma2, w = gram_eigh
-  r = x.shape[-1]
-  sigma2 = jnp.maximum(sigma2, 0.0)
-  rank_tol = r * jnp.finfo(x.dtype).eps
-  keep = sigma2 > rank_tol * jnp.max(sigma2, axis=-1, keepdims=True)
-  inv_sigma = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, sigma2, 1.0)), 0.0)
-  r1_pinv = w * inv_sigma[..., None, :]
-  u1 = _mm('bnr,brs->bns', x, r1_pinv)
-
-  # Dropped directions are exact zero columns of U₁; E is zero there too.
-  eye = jnp.eye(r, dtype=x.dtype)
-  kept_eye = eye * keep[..., None, :]
-  gram1 = gram(u1)
-  y = kept_eye
-  for _ in range(2):  # Y ← ½ Y (3I - G Y²), quadratic convergence to G^-½
-    y = 0.5 * _mm('brs,bst->brt', y, 3.0 * kept_eye - _mm('brs,bst,btu->bru', gram1, y, y))
-  converges = jnp.max(jnp.abs(gram1 - kept_eye), axis=(-2, -1), keepdims=True) < 0.5
-  y = jnp.where(converges & jnp.all(jnp.isfinite(y), axis=(-2, -1), keepdims=True),
-                y + (eye - kept_eye), eye)
-  return _mm('bnr,brs->bns', u1, y), _mm('brs,bst->brt', r1_pinv, y)
+  r1_pinv, keep = gram_pseudo_inverse(gram_eigh, x.dtype)
+  u1 = matmul(x, r1_pinv, rank_major)
+  y = orthonormality_correction(gram(u1, rank_major), keep)
+  return matmul(u1, y, rank_major), matmul_small(r1_pinv, y)
 
 
-def unmagnified_gradient(grad: jax.Array, partner_r_pinv: jax.Array) -> jax.Array:
+def matmul_small(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``(batch, r, s) @ (batch, s, t)``."""
+  return _mm('brs,bst->brt', x, y)
+
+
+def unmagnified_gradient(
+    grad: jax.Array, partner_r_pinv: jax.Array, rank_major: bool = False
+) -> jax.Array:
   """ḡ_A = ∇A R_B⁺ (= ∇Z U_B): the gradient free of the other factor's scale."""
-  return _mm('bnr,brs->bns', grad, partner_r_pinv)
+  return matmul(grad, partner_r_pinv, rank_major)
 
 
 def rms(x: jax.Array) -> jax.Array:
-  """Root mean square per adapter: ``(batch, rows, r) -> (batch,)``."""
+  """Root mean square per adapter: ``(batch, rows, r) -> (batch,)``, any layout."""
   return jnp.sqrt(jnp.mean(jnp.square(x), axis=(-2, -1)))
 
 
-def skip_large(gbar: jax.Array, threshold: jax.Array) -> jax.Array:
-  """Zeroes the adapters whose RMS(ḡ) exceeds ``threshold`` (``≤ 0`` disables)."""
-  skip = (threshold > 0) & (rms(gbar) > threshold)
-  return jnp.where(skip[:, None, None], 0.0, gbar)
+def squared_norm(gbar_gram: jax.Array) -> jax.Array:
+  """‖ḡ‖²_F per adapter from its r×r Gram matrix: ``tr(ḡᵀḡ)``, ``(batch,)``."""
+  return jnp.trace(gbar_gram, axis1=-2, axis2=-1)
 
 
-def basis_transport(basis: jax.Array, prev_basis: jax.Array) -> jax.Array:
+def kept_by_skipping(
+    squared: jax.Array, size: int, threshold: jax.Array
+) -> jax.Array:
+  """1 for adapters whose RMS(ḡ) ≤ ``threshold`` (or ``threshold ≤ 0``), else 0."""
+  skip = (threshold > 0) & (squared / size > jnp.square(threshold))
+  return jnp.where(skip, 0.0, 1.0).astype(squared.dtype)
+
+
+def basis_transport(
+    basis: jax.Array, prev_basis: jax.Array, rank_major: bool = False
+) -> jax.Array:
   """P = Uᵀ U_prev, ``(batch, r, r)``: moves last step's moments into U."""
-  return _mm('bnr,bns->brs', basis, prev_basis)
+  return cross_gram(basis, prev_basis, rank_major)
 
 
 def transported_second_moment(v: jax.Array, transport: jax.Array) -> jax.Array:
@@ -155,11 +207,10 @@ def transported_second_moment(v: jax.Array, transport: jax.Array) -> jax.Array:
 
 
 def second_moment(
-    v_transported: jax.Array, gbar: jax.Array, b2_hat: jax.Array
+    v_transported: jax.Array, gbar_gram: jax.Array, rows: int, b2_hat: jax.Array
 ) -> jax.Array:
-  """V ← (1-β̂₂)·sym(ḡᵀḡ/rows) + β̂₂·Ṽ."""
-  fresh = symmetrize(_mm('bnr,bns->brs', gbar, gbar)) / gbar.shape[-2]
-  return (1.0 - b2_hat) * fresh + b2_hat * v_transported
+  """V ← (1-β̂₂)·sym(ḡᵀḡ/rows) + β̂₂·Ṽ, given ``ḡᵀḡ``."""
+  return (1.0 - b2_hat) * gbar_gram / rows + b2_hat * v_transported
 
 
 def escaped_mass(
@@ -197,25 +248,27 @@ def inverse_root(
   return symmetrize(_mm('brs,bs,bts->brt', q, scale, q))
 
 
-def precondition(gbar: jax.Array, inv_root: jax.Array) -> jax.Array:
+def precondition(gbar: jax.Array, inv_root: jax.Array, rank_major: bool = False) -> jax.Array:
   """S = ḡ · V^{-1/2}."""
-  return _mm('bnr,brs->bns', gbar, inv_root)
+  return matmul(gbar, inv_root, rank_major)
 
 
 def first_moment(
-    m: jax.Array, transport: jax.Array, s: jax.Array, b1_hat: jax.Array
+    m: jax.Array, transport: jax.Array, s: jax.Array, b1_hat: jax.Array,
+    rank_major: bool = False,
 ) -> jax.Array:
   """M ← (1-β̂₁)·S + β̂₁·M Pᵀ."""
-  return (1.0 - b1_hat) * s + b1_hat * _mm('bnr,bsr->bns', m, transport)
+  return (1.0 - b1_hat) * s + b1_hat * matmul_t(m, transport, rank_major)
 
 
-def cap(m: jax.Array, capping: jax.Array) -> jax.Array:
-  """M / max(1, RMS(M)/cap) per adapter; ``capping ≤ 0`` disables."""
+def capping_scale(m: jax.Array, capping: jax.Array) -> jax.Array:
+  """1 / max(1, RMS(M)/cap) per adapter, ``(batch,)``; ``capping ≤ 0`` disables."""
   safe_cap = jnp.where(capping > 0, capping, 1.0)
-  denom = jnp.where(capping > 0, jnp.maximum(1.0, rms(m) / safe_cap), 1.0)
-  return m / denom[:, None, None]
+  return jnp.where(capping > 0, 1.0 / jnp.maximum(1.0, rms(m) / safe_cap), 1.0)
 
 
-def to_parameter_space(m: jax.Array, partner_r_pinv: jax.Array) -> jax.Array:
+def to_parameter_space(
+    m: jax.Array, partner_r_pinv: jax.Array, rank_major: bool = False
+) -> jax.Array:
   """Δ_A = M (R_B⁺)ᵀ: back from the unmagnified basis to the factor's own."""
-  return _mm('bnr,bsr->bns', m, partner_r_pinv)
+  return matmul_t(m, partner_r_pinv, rank_major)

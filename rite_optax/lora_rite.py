@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rite_optax import factor_math as fm
@@ -67,37 +68,84 @@ def _paired_or_raise(params: Any, pairing: pairing_lib.Pairing) -> Any:
   return paired
 
 
-def _group_by_shape(pairs):
-  """Pairs with equal (rows_a, rows_b, r, dtype) share one stacked computation."""
-  groups = collections.defaultdict(list)
-  for pair in pairs:
-    groups[(pair.a.canonical_shape[1:], pair.b.canonical_shape[1:],
-            fm.compute_dtype(pair.a.dtype))].append(pair)
-  return list(groups.values())
+def _layout(view: pairing_lib.FactorView):
+  """How a factor is laid out for computation, with no transpose when possible.
+
+  ``lora_a (m, r)`` is used as stored, rows-major ``(batch, rows, r)``;
+  ``lora_b (r, n)`` too, rank-major ``(batch, r, rows)``. Only factors whose
+  rank axis sits between row axes (or whose batch axes are not leading) pay a
+  transpose.
+
+  Returns:
+    ``(axis permutation, compute shape, rank_major)``.
+  """
+  rows = [ax for ax in range(len(view.shape))
+          if ax != view.rank_axis and ax not in view.batch_axes]
+  batch, n, r = view.canonical_shape
+  if all(view.rank_axis < ax for ax in rows):
+    return (*view.batch_axes, view.rank_axis, *rows), (batch, r, n), True
+  return (*view.batch_axes, *rows, view.rank_axis), (batch, n, r), False
 
 
-def _stack(views, leaves, dtype, shape_fn=None):
-  """Concatenates the canonical views of ``leaves`` along the batch axis."""
-  parts = []
-  for view in views:
-    leaf = leaves[view.index]
-    leaf = view.to_canonical(leaf) if shape_fn is None else shape_fn(view, leaf)
-    parts.append(leaf.astype(dtype))
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+def _to_compute(view, leaf, dtype):
+  permutation, shape, _ = _layout(view)
+  return leaf.transpose(permutation).reshape(shape).astype(dtype)
+
+
+def _from_compute(view, x, dtype):
+  permutation, _, _ = _layout(view)
+  permuted = tuple(view.shape[ax] for ax in permutation)
+  return x.reshape(permuted).transpose(np.argsort(permutation)).astype(dtype)
+
+
+def _stack(per_pair):
+  return per_pair[0] if len(per_pair) == 1 else jnp.concatenate(per_pair, axis=0)
 
 
 def _unstack(stacked, views):
-  offsets = []
-  total = 0
-  for view in views[:-1]:
-    total += view.canonical_shape[0]
-    offsets.append(total)
+  """Splits a stack along its batch axis into one piece per factor."""
+  sizes = [view.canonical_shape[0] for view in views]
+  offsets = np.cumsum(sizes)[:-1].tolist()
   return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
 
 
-def _flat_stats(view, leaf):
-  """``(*batch, r, r)`` or ``(*batch,)`` state leaf -> leading flat batch axis."""
-  return leaf.reshape((view.canonical_shape[0], *leaf.shape[len(view.batch_axes):]))
+class _Side:
+  """One role (``a`` or ``b``) of a stack of same-shape adapters.
+
+  Factor-sized arrays of the stack's adapters are concatenated along the batch
+  axis in their stored layout (``rank_major`` for ``lora_b``), so every
+  product below is one batched call; per-adapter state leaves are gathered the
+  same way.
+  """
+
+  def __init__(self, views, dtype):
+    self.views = views
+    self.dtype = dtype
+    self.rank_major = _layout(views[0])[2]
+    self.rows = views[0].rows
+
+  def gather(self, leaves):
+    return _stack([_to_compute(v, leaves[v.index], self.dtype) for v in self.views])
+
+  def gather_stats(self, leaves):
+    """``(*batch, ...)`` state leaves -> one ``(B, ...)`` stack."""
+    return _stack([
+        leaves[v.index].reshape((v.canonical_shape[0], *leaves[v.index].shape[len(v.batch_axes):]))
+        .astype(self.dtype) for v in self.views])
+
+
+def _stacks(pairs):
+  """Adapters whose two factors have equal compute shapes, layouts and dtype."""
+  groups = collections.defaultdict(list)
+  for pair in pairs:
+    key = tuple(_layout(v)[1:] for v in (pair.a, pair.b)) + (fm.compute_dtype(pair.a.dtype),)
+    key = tuple((shape[1:], rank_major) for shape, rank_major in key[:2]) + key[2:]
+    groups[key].append(pair)
+  return [
+      {'a': _Side([p.a for p in group], fm.compute_dtype(group[0].a.dtype)),
+       'b': _Side([p.b for p in group], fm.compute_dtype(group[0].a.dtype))}
+      for group in groups.values()
+  ]
 
 
 def scale_by_lora_rite(
@@ -203,108 +251,90 @@ def scale_by_lora_rite(
     seconds = treedef.flatten_up_to(state.second_moment)
     escapes = treedef.flatten_up_to(state.escaped_mass)
 
-    # Phase 1: bases and unmagnified gradients of every stack (the global
-    # clipping norm needs all of them before any moment can be updated).
-    stacks = []
-    for group in _group_by_shape(paired.pairs):
-      dtype = fm.compute_dtype(group[0].a.dtype)
-      sides = {}
-      for role in ('a', 'b'):
-        views = [getattr(p, role) for p in group]
-        factor = _stack(views, factors, dtype)
-        sides[role] = dict(views=views, factor=factor, grad=_stack(views, grads, dtype),
-                           gram=fm.gram(factor))
-      stacks.append((dtype, sides))
-    all_sides = [side for _, sides in stacks for side in sides.values()]
-    for side, gram_eigh in zip(all_sides, fm.eigh_each([s['gram'] for s in all_sides])):
-      side['basis'], side['r_pinv'] = fm.orthonormal_basis(side['factor'], gram_eigh)
-    for _, sides in stacks:
-      for role, partner in (('a', 'b'), ('b', 'a')):
-        sides[role]['gbar'] = fm.unmagnified_gradient(
-            sides[role]['grad'], sides[partner]['r_pinv'])
+    stacks = _stacks(paired.pairs)
+    sides = [side for stack in stacks for side in stack.values()]
+    partners = [(stack[role], stack[other]) for stack in stacks
+                for role, other in (('a', 'b'), ('b', 'a'))]
 
-    dtype = jnp.result_type(*(d for d, _ in stacks)) if stacks else jnp.float32
-    raw_sq = sum(
-        (jnp.sum(jnp.square(s['gbar'])).astype(dtype)
-         for _, sides in stacks for s in sides.values()),
-        start=jnp.zeros([], dtype),
-    )
-    finite = jnp.isfinite(raw_sq)
-    for _, sides in stacks:
-      for side in sides.values():
-        side['gbar'] = fm.skip_large(side['gbar'], update_skipping)
-    grad_sq = sum(
-        (jnp.sum(jnp.square(s['gbar'])).astype(dtype)
-         for _, sides in stacks for s in sides.values()),
-        start=jnp.zeros([], dtype),
-    )
-    grad_norm = jnp.sqrt(grad_sq)
+    # Phase 1: bases, unmagnified gradients and their r×r Gram matrices. The
+    # global clipping norm and the finiteness check need all of them first.
+    for side in sides:
+      side.x, side.grad = side.gather(factors), side.gather(grads)
+      side.gram = fm.gram(side.x, side.rank_major)
+    for side, gram_eigh in zip(sides, fm.eigh_each([s.gram for s in sides])):
+      side.basis, side.r_pinv = fm.orthonormal_basis(side.x, gram_eigh, side.rank_major)
+    for side, other in partners:
+      side.gbar = fm.unmagnified_gradient(side.grad, other.r_pinv, side.rank_major)
+      side.gbar_gram = fm.gram(side.gbar, side.rank_major)
+
+    # Skipping, clipping and the finiteness check need only the r×r traces;
+    # their scalings are folded into r×r matrices below.
+    dtype = jnp.result_type(*(s.dtype for s in sides)) if sides else jnp.float32
+    total = lambda xs: sum((jnp.sum(x).astype(dtype) for x in xs), start=jnp.zeros([], dtype))
+    squared = [fm.squared_norm(s.gbar_gram) for s in sides]
+    finite = jnp.isfinite(total(squared))
+    kept = [fm.kept_by_skipping(sq, s.rows * s.gram.shape[-1], update_skipping)
+            for sq, s in zip(squared, sides)]
+    grad_norm = jnp.sqrt(total(k * sq for k, sq in zip(kept, squared)))
     clip = jnp.asarray(clip_unmagnified_grad, dtype)
     clip_scale = jnp.where(
         (clip > 0) & (grad_norm > clip), clip / jnp.where(grad_norm > 0, grad_norm, 1.0), 1.0)
+    for side, k in zip(sides, kept):
+      side.grad_scale = (k * clip_scale).astype(side.dtype)[:, None, None]
 
-    # Phase 2: transport and second moments of every side, one batched eigh
-    # for all of them, then preconditioning and the first moments.
-    count = state.count.astype(dtype)
-    for stack_dtype, sides in stacks:
-      b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, stack_dtype)).astype(stack_dtype)
-      for role, partner in (('a', 'b'), ('b', 'a')):
-        side, other = sides[role], sides[partner]
-        side['gbar'] = side['gbar'] * clip_scale.astype(stack_dtype)
-        side['transport'] = fm.basis_transport(
-            other['basis'], _stack(other['views'], bases, stack_dtype))
-        side['v_old'] = _stack(side['views'], seconds, stack_dtype, _flat_stats)
-        side['v_transported'] = fm.transported_second_moment(side['v_old'], side['transport'])
-        side['v_new'] = fm.second_moment(side['v_transported'], side['gbar'], b2_hat)
-        side['b2_hat'] = b2_hat
-    to_decompose = [s['v_new'] for s in all_sides]
-    if apply_escape:
-      to_decompose += [s['v_old'] for s in all_sides] + [s['v_transported'] for s in all_sides]
-    decomposed = fm.eigh_each(to_decompose)
-    n = len(all_sides)
-    for i, side in enumerate(all_sides):
-      side['v_eigh'] = decomposed[i]
+    def apply_step(_):
+      """Phase 2: transport, moments, preconditioning, updates."""
+      count = state.count.astype(dtype)
+      for side, other in partners:
+        side.b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, side.dtype)).astype(side.dtype)
+        side.b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, side.dtype)).astype(side.dtype)
+        side.transport = fm.basis_transport(other.basis, other.gather(bases), other.rank_major)
+        side.v_old = side.gather_stats(seconds)
+        side.v_transported = fm.transported_second_moment(side.v_old, side.transport)
+        side.v_new = fm.second_moment(
+            side.v_transported, side.gbar_gram * jnp.square(side.grad_scale), side.rows,
+            side.b2_hat)
+      to_decompose = [s.v_new for s in sides]
       if apply_escape:
-        rho_old = _stack(side['views'], escapes, side['v_new'].dtype, _flat_stats)
-        side['rho'] = side['b2_hat'] * (rho_old + fm.escaped_mass(
-            side['v_old'], side['v_transported'], decomposed[n + i][0], decomposed[2 * n + i][0]))
-      else:
-        side['rho'] = jnp.zeros(side['v_new'].shape[:1], side['v_new'].dtype)
+        to_decompose += [s.v_old for s in sides] + [s.v_transported for s in sides]
+      decomposed = fm.eigh_each(to_decompose)
+      n = len(sides)
 
-    new_updates = list(grads)
-    new_moments, new_bases = list(moments), list(bases)
-    new_seconds, new_escapes = list(seconds), list(escapes)
-    for stack_dtype, sides in stacks:
-      b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, stack_dtype)).astype(stack_dtype)
-      for role, partner in (('a', 'b'), ('b', 'a')):
-        side, other = sides[role], sides[partner]
-        views = side['views']
+      new_updates, new_moments, new_bases = list(grads), list(moments), list(bases)
+      new_seconds, new_escapes = list(seconds), list(escapes)
+      for i, (side, other) in enumerate(partners):
+        if apply_escape:
+          rho = side.b2_hat * (side.gather_stats(escapes) + fm.escaped_mass(
+              side.v_old, side.v_transported, decomposed[n + i][0], decomposed[2 * n + i][0]))
+        else:
+          rho = jnp.zeros(side.v_new.shape[:1], side.dtype)
         inv_root = fm.inverse_root(
-            side['v_eigh'], side['rho'], jnp.asarray(eps, stack_dtype), relative_eps)
+            decomposed[i], rho, jnp.asarray(eps, side.dtype), relative_eps) * side.grad_scale
         m_new = fm.first_moment(
-            _stack(views, moments, stack_dtype), side['transport'],
-            fm.precondition(side['gbar'], inv_root), b1_hat)
+            side.gather(moments), side.transport,
+            fm.precondition(side.gbar, inv_root, side.rank_major), side.b1_hat, side.rank_major)
+        capped = fm.capping_scale(m_new, jnp.asarray(update_capping, side.dtype))
         delta = fm.to_parameter_space(
-            fm.cap(m_new, jnp.asarray(update_capping, stack_dtype)),
-            other['r_pinv']) + jnp.asarray(weight_decay, stack_dtype) * side['factor']
-        pieces = zip(
-            views,
-            _unstack(delta, views),
-            _unstack(m_new, views),
-            _unstack(side['basis'], views),
-            _unstack(side['v_new'], views),
-            _unstack(side['rho'], views),
-        )
-        for view, d, m, u, v, rho in pieces:
-          i = view.index
-          new_updates[i] = jnp.where(
-              finite, view.from_canonical(d), 0.0).astype(grads[i].dtype)
-          new_moments[i] = jnp.where(finite, view.from_canonical(m), moments[i])
-          new_bases[i] = jnp.where(finite, view.from_canonical(u), bases[i])
-          new_seconds[i] = jnp.where(
-              finite, v.reshape(seconds[i].shape), seconds[i])
-          new_escapes[i] = jnp.where(
-              finite, rho.reshape(escapes[i].shape), escapes[i])
+            m_new, other.r_pinv * capped[:, None, None], side.rank_major)
+        delta = delta + jnp.asarray(weight_decay, side.dtype) * side.x
+        pieces = zip(side.views, _unstack(delta, side.views), _unstack(m_new, side.views),
+                     _unstack(side.basis, side.views), _unstack(side.v_new, side.views),
+                     _unstack(rho, side.views))
+        for view, d, m, u, v, r in pieces:
+          k = view.index
+          new_updates[k] = _from_compute(view, d, grads[k].dtype)
+          new_moments[k] = _from_compute(view, m, moments[k].dtype)
+          new_bases[k] = _from_compute(view, u, bases[k].dtype)
+          new_seconds[k] = v.reshape(seconds[k].shape).astype(seconds[k].dtype)
+          new_escapes[k] = r.reshape(escapes[k].shape).astype(escapes[k].dtype)
+      return new_updates, new_moments, new_bases, new_seconds, new_escapes
+
+    def skip_step(_):
+      """A non-finite step: zero updates, state as it was."""
+      return [jnp.zeros_like(g) for g in grads], moments, bases, seconds, escapes
+
+    new_updates, new_moments, new_bases, new_seconds, new_escapes = jax.lax.cond(
+        finite, apply_step, skip_step, None)
 
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
     return unflatten(new_updates), ScaleByLoraRiteState(
