@@ -1,0 +1,134 @@
+"""Optimizer-step time of lora_rite vs optax.adam on mT5 LoRA adapter workloads.
+
+    python benchmarks/step_time.py                 # every workload below
+    python benchmarks/step_time.py --workloads xxl_attn_r16 --steps 20
+
+For each workload, both optimizers run in this process on the same params:
+one jitted step (``tx.update`` + ``optax.apply_updates`` over the whole tree,
+params and state donated), ``--warmup`` untimed steps, then the median (and
+min/max) of ``--steps`` timed steps, each ending in ``block_until_ready``.
+Reported: ms/step, the ratio to optax.adam, optimizer-state bytes, and XLA's
+temporary buffer bytes for the step (its peak working memory beyond the
+arguments and outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rite_optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """LoRA adapters on the projections of an encoder-decoder T5/mT5 model."""
+
+  d_model: int
+  d_attn: int  # heads × head dim
+  d_ff: int
+  layers: int  # per stack (encoder and decoder)
+  rank: int
+  mlp: bool
+
+  def shapes(self) -> list[tuple[int, int]]:
+    """(in, out) of every adapted projection."""
+    attn = [(self.d_model, self.d_attn)] * 3 + [(self.d_attn, self.d_model)]  # q k v o
+    mlp = [(self.d_model, self.d_ff)] * 2 + [(self.d_ff, self.d_model)]  # wi_0 wi_1 wo
+    per_encoder_layer = attn + (mlp if self.mlp else [])
+    per_decoder_layer = attn + attn + (mlp if self.mlp else [])  # self + cross attention
+    return per_encoder_layer * self.layers + per_decoder_layer * self.layers
+
+
+MT5_XXL = dict(d_model=4096, d_attn=4096, d_ff=10240, layers=24)
+MT5_BASE = dict(d_model=768, d_attn=768, d_ff=2048, layers=12)
+WORKLOADS = {
+    'xxl_attn_r4': Workload(**MT5_XXL, rank=4, mlp=False),
+    'xxl_attn_r16': Workload(**MT5_XXL, rank=16, mlp=False),
+    'xxl_attn_r64': Workload(**MT5_XXL, rank=64, mlp=False),
+    'xxl_attn_mlp_r16': Workload(**MT5_XXL, rank=16, mlp=True),
+    'base_attn_mlp_r16': Workload(**MT5_BASE, rank=16, mlp=True),
+}
+
+
+def make_params(workload: Workload, seed: int = 0):
+  """LoRA factors in the nnx layout, both non-zero (a mid-training state)."""
+  key = jax.random.PRNGKey(seed)
+  params = {}
+  for i, (d_in, d_out) in enumerate(workload.shapes()):
+    ka, kb = jax.random.split(jax.random.fold_in(key, i))
+    params[f'proj_{i:03d}'] = {
+        'lora_a': jax.random.normal(ka, (d_in, workload.rank)) / np.sqrt(d_in),
+        'lora_b': jax.random.normal(kb, (workload.rank, d_out)) * 1e-2,
+    }
+  return params
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def time_optimizer(tx, params, grads, warmup: int, steps: int) -> dict:
+  """Median/min/max ms of one donated, jitted optimizer step."""
+  state = tx.init(params)
+  state_bytes = tree_bytes(state)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  params = jax.tree.map(jnp.copy, params)
+  t0 = time.perf_counter()
+  compiled = step.lower(params, state, grads).compile()
+  compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
+  temp_bytes = getattr(memory, 'temp_size_in_bytes', 0) if memory is not None else 0
+  for _ in range(warmup):
+    params, state = compiled(params, state, grads)
+  jax.block_until_ready((params, state))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    params, state = compiled(params, state, grads)
+    jax.block_until_ready((params, state))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return dict(median=statistics.median(times), min=min(times), max=max(times),
+              state_bytes=state_bytes, temp_bytes=temp_bytes, compile_s=compile_s)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workloads', nargs='+', default=list(WORKLOADS), choices=list(WORKLOADS))
+  parser.add_argument('--steps', type=int, default=10, help='timed steps (median reported)')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
+  args = parser.parse_args(argv)
+
+  print(f'# {platform.processor() or platform.machine()}, {jax.device_count()} x '
+        f'{jax.devices()[0].device_kind}, jax {jax.__version__}, optax {optax.__version__}')
+  print('| workload | pairs | optimizer | median ms | min ms | max ms | × adam | state MB |'
+        ' XLA temp MB | compile s |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for name in args.workloads:
+    workload = WORKLOADS[name]
+    params = make_params(workload)
+    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+    adam = time_optimizer(optax.adam(1e-3), params, grads, args.warmup, args.steps)
+    rite = time_optimizer(rite_optax.lora_rite(1e-3), params, grads, args.warmup, args.steps)
+    for label, r in (('optax.adam', adam), ('lora_rite', rite)):
+      print(f'| {name} | {len(workload.shapes())} | {label} | {r["median"]:.1f} | {r["min"]:.1f} |'
+            f' {r["max"]:.1f} | {r["median"] / adam["median"]:.2f} | {r["state_bytes"] / 2**20:.1f} |'
+            f' {r["temp_bytes"] / 2**20:.1f} | {r["compile_s"]:.1f} |', flush=True)
+
+
+if __name__ == '__main__':
+  main()
