@@ -1,0 +1,121 @@
+"""The per-side building blocks of factor_math (ALGORITHM.md §2 and §4)."""
+
+import hypothesis
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+from rite_optax import factor_math as fm
+
+
+def conditioned(rng, rows, r, cond, dtype):
+  """A (1, rows, r) matrix with singular values spread over ``cond``."""
+  u, _ = np.linalg.qr(rng.standard_normal((rows, r)))
+  v, _ = np.linalg.qr(rng.standard_normal((r, r)))
+  return jnp.asarray((u * np.geomspace(1.0, 1.0 / cond, r)) @ v.T, dtype)[None]
+
+
+def basis(x, rank_major=False):
+  return fm.orthonormal_basis(x, fm.eigh_each([fm.gram(x, rank_major)])[0], rank_major)
+
+
+@pytest.mark.parametrize('dtype,cond,tol', [
+    (jnp.float64, 1e3, 1e-14), (jnp.float64, 1e6, 1e-12),
+    (jnp.float32, 1e2, 1e-5), (jnp.float32, 1e3, 1e-4)])
+def test_basis_is_orthonormal_and_reconstructs(dtype, cond, tol):
+  x = conditioned(np.random.default_rng(0), 200, 8, cond, dtype)
+  u, r_pinv = basis(x)
+  np.testing.assert_allclose(fm.gram(u)[0], np.eye(8), atol=tol)
+  # x = U R with R = (R⁺)⁻¹ for a full-rank x.
+  np.testing.assert_allclose(
+      u[0] @ np.linalg.inv(np.asarray(r_pinv[0], np.float64)), x[0], atol=tol * 10 * float(
+          jnp.abs(x).max()) * cond)
+
+
+def test_rank_major_layout_gives_the_same_basis():
+  x = conditioned(np.random.default_rng(1), 50, 4, 10.0, jnp.float64)
+  u, r_pinv = basis(x)
+  u_t, r_pinv_t = basis(jnp.swapaxes(x, 1, 2), rank_major=True)
+  np.testing.assert_allclose(jnp.swapaxes(u_t, 1, 2), u, atol=1e-14)
+  np.testing.assert_allclose(r_pinv_t, r_pinv, atol=1e-12)
+
+
+def test_zero_and_rank_deficient_factors_use_the_pseudo_inverse():
+  rng = np.random.default_rng(2)
+  u, r_pinv = basis(jnp.zeros((1, 30, 4)))
+  np.testing.assert_array_equal(u, 0.0)
+  np.testing.assert_array_equal(r_pinv, 0.0)
+  a = rng.standard_normal((30, 2))
+  x = jnp.asarray(np.concatenate([a, a @ rng.standard_normal((2, 2))], 1))[None]  # rank 2
+  u, r_pinv = basis(x)
+  g = np.asarray(fm.gram(u)[0])
+  np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(g)), [0, 0, 1, 1], atol=1e-12)
+  # U spans the column space of x: projecting x onto U gives x back.
+  np.testing.assert_allclose(u[0] @ (u[0].T @ x[0]), x[0], atol=1e-12)
+
+
+@hypothesis.settings(max_examples=10, deadline=None, derandomize=True)
+@hypothesis.given(rows=st.integers(4, 40), r=st.integers(1, 6), seed=st.integers(0, 100))
+def test_any_orthonormal_basis_gives_the_same_update(rows, r, seed):
+  """ALGORITHM.md §4: U → U O changes ḡ, V, M by O and leaves Δ unchanged."""
+  r = min(r, rows)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((1, rows, r)))
+  grad = jnp.asarray(rng.standard_normal((1, rows, r)))
+  u, r_pinv = basis(x)
+  o, _ = np.linalg.qr(rng.standard_normal((r, r)))
+  o = jnp.asarray(o)[None]
+
+  def delta(r_pinv):
+    gbar = fm.unmagnified_gradient(grad, r_pinv)
+    v = fm.second_moment(jnp.zeros((1, r, r)), fm.gram(gbar), rows, jnp.asarray(0.0))
+    lam, q = jnp.linalg.eigh(v)
+    k = fm.inverse_root((lam, q), jnp.zeros(1), jnp.asarray(1e-6), False)
+    m = fm.first_moment(jnp.zeros_like(gbar), jnp.zeros((1, r, r)), fm.precondition(gbar, k),
+                        jnp.asarray(0.0))
+    return fm.to_parameter_space(m, r_pinv)
+
+  # x = U R = (U O)(Oᵀ R), so the rotated pseudo-inverse is R⁺ O.
+  np.testing.assert_allclose(delta(fm.matmul_small(r_pinv, o)), delta(r_pinv), atol=1e-10)
+
+
+def test_bias_corrected_decay():
+  beta = jnp.asarray(0.9)
+  assert float(fm.bias_corrected_decay(jnp.asarray(0.0), beta)) == 0.0
+  np.testing.assert_allclose(fm.bias_corrected_decay(jnp.asarray(1.0), beta), 0.9 * 0.1 / 0.19)
+  np.testing.assert_allclose(fm.bias_corrected_decay(jnp.asarray(1e4), beta), 0.9)
+  # The EMA with β̂ is the bias-corrected mean: constant input gives it back.
+  m = 0.0
+  for t in range(5):
+    b = float(fm.bias_corrected_decay(jnp.asarray(float(t)), beta))
+    m = (1 - b) * 3.0 + b * m
+    assert abs(m - 3.0) < 1e-12
+
+
+def test_eigh_each_keeps_order_across_ranks():
+  rng = np.random.default_rng(3)
+  mats = []
+  for r, b in ((3, 2), (5, 1), (3, 4)):
+    s = rng.standard_normal((b, r, r))
+    mats.append(jnp.asarray(s + np.swapaxes(s, 1, 2)))
+  for m, (lam, q) in zip(mats, fm.eigh_each(mats)):
+    np.testing.assert_allclose(q @ (lam[..., None] * np.swapaxes(q, 1, 2)), m, atol=1e-12)
+
+
+def test_escaped_mass_is_the_smaller_of_eigen_and_trace_gaps():
+  v_old = jnp.diag(jnp.asarray([1.0, 4.0]))[None]
+  v_new = jnp.diag(jnp.asarray([0.5, 3.0]))[None]
+  e = fm.escaped_mass(v_old, v_new, jnp.linalg.eigvalsh(v_old), jnp.linalg.eigvalsh(v_new))
+  np.testing.assert_allclose(e, [1.0])  # min(max(0.5, 1.0), 1.5)
+  e = fm.escaped_mass(v_new, v_old, jnp.linalg.eigvalsh(v_new), jnp.linalg.eigvalsh(v_old))
+  np.testing.assert_allclose(e, [0.0])
+
+
+def test_skipping_and_capping_scales():
+  squared = jnp.asarray([4.0, 400.0])
+  np.testing.assert_array_equal(fm.kept_by_skipping(squared, 4, jnp.asarray(2.0)), [1.0, 0.0])
+  np.testing.assert_array_equal(fm.kept_by_skipping(squared, 4, jnp.asarray(0.0)), [1.0, 1.0])
+  m = jnp.full((2, 3, 2), 2.0)
+  np.testing.assert_allclose(fm.capping_scale(m, jnp.asarray(0.5)), [0.25, 0.25])
+  np.testing.assert_allclose(fm.capping_scale(m, jnp.asarray(0.0)), [1.0, 1.0])
