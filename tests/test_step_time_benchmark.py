@@ -1,0 +1,36 @@
+"""benchmarks/step_time.py defines the workloads it claims and its timing path runs."""
+
+import importlib.util
+import pathlib
+
+import optax
+
+import rite_optax
+
+_PATH = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'step_time.py'
+_spec = importlib.util.spec_from_file_location('step_time', _PATH)
+step_time = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(step_time)
+
+
+def test_mt5_workloads_have_the_documented_adapter_counts():
+  w = step_time.WORKLOADS
+  # q/k/v/o of 24 encoder self-attention and 24 decoder self + cross attention layers.
+  assert len(w['xxl_attn_r16'].shapes()) == 24 * 4 + 24 * 8 == 288
+  assert set(w['xxl_attn_r16'].shapes()) == {(4096, 4096)}
+  # + wi_0, wi_1, wo of the gated-GELU MLP in all 48 layers.
+  assert len(w['xxl_attn_mlp_r16'].shapes()) == 288 + 48 * 3
+  assert (10240, 4096) in w['xxl_attn_mlp_r16'].shapes()
+  assert len(w['base_attn_mlp_r16'].shapes()) == 12 * 4 + 12 * 8 + 24 * 3
+
+
+def test_timing_a_tiny_workload():
+  tiny = step_time.Workload(d_model=16, d_attn=16, d_ff=32, layers=1, rank=2, mlp=True)
+  params = step_time.make_params(tiny)
+  grads = optax.tree.zeros_like(params)
+  adam = step_time.time_optimizer(optax.adam(1e-3), params, grads, warmup=1, steps=3)
+  rite = step_time.time_optimizer(rite_optax.lora_rite(1e-3), params, grads, warmup=1, steps=3)
+  assert 0 < adam['min'] <= adam['median'] <= adam['max']
+  assert 0 < rite['min'] <= rite['median'] <= rite['max']
+  # First moment + basis per factor, plus r×r and per-adapter scalars.
+  assert adam['state_bytes'] <= rite['state_bytes'] <= 1.1 * adam['state_bytes']
