@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import sys
 
 import optax
 
@@ -10,6 +11,7 @@ import rite_optax
 _PATH = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'step_time.py'
 _spec = importlib.util.spec_from_file_location('step_time', _PATH)
 step_time = importlib.util.module_from_spec(_spec)
+sys.modules['step_time'] = step_time  # dataclasses look their module up
 _spec.loader.exec_module(step_time)
 
 
