@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -33,7 +34,8 @@ class FactorRule:
     pattern: regular expression matched (``re.fullmatch``) against the param path
       written as ``'encoder/layers_0/attention/query/lora_a'``. It must define a
       named group ``pair``: two leaves whose ``pair`` groups are equal (and whose
-      roles differ) form one adapter.
+      roles differ) form one adapter. Other named groups (e.g. an adapter name
+      in the middle of the path) are appended to the key, ``pair[value]``.
     role: ``'a'`` or ``'b'``: which side of ``delta = a @ b`` the leaf is.
     rank_axis: axis of the LoRA rank in the stored array. ``None`` uses the
       matmul convention ``delta = a @ b``: the last non-batch axis for ``a``, the
@@ -99,7 +101,185 @@ def nnx(batch_axes: Sequence[int] = ()) -> Pairing:
   )
 
 
-PRESETS = {'nnx': nnx}
+def _leading(batch_axes: Sequence[int], preset: str) -> tuple[int, ...]:
+  batch_axes = tuple(batch_axes)
+  if sorted(batch_axes) != list(range(len(batch_axes))):
+    raise ValueError(
+        f'{preset}(batch_axes={batch_axes}): this preset fixes its rank axes by'
+        ' position, so batch axes must be the leading axes (0, 1, ...). Write a'
+        ' rite_optax.regex rule for other layouts.'
+    )
+  return batch_axes
+
+
+def qwix(batch_axes: Sequence[int] = ()) -> Pairing:
+  """MaxText / Tunix LoRA made by qwix: ``<w>_lora_a`` and ``<w>_lora_b``.
+
+  Checked against google/qwix ``qwix/_src/providers/lora.py`` (commit
+  0b9ddbd8): ``_get_or_create_lora_params`` stores ``name + '_lora_a'`` and
+  ``name + '_lora_b'`` next to the weight ``name`` (e.g. ``kernel_lora_a``).
+  Shapes: ``dot_general`` gives ``a (batch..., prod(contract), r)`` and
+  ``b (batch..., r, prod(remain))``; ``einsum`` gives ``a (shared dims..., r)``
+  and ``b (r, output-only dims...)``; ``conv`` gives ``a (*window, in, r)`` and
+  ``b (r, out)``. The rank is the last non-batch axis of ``a`` and the first
+  of ``b``, ``delta = a @ b``.
+
+  Args:
+    batch_axes: the ``dot_general`` batch axes (leading in both factors) or
+      the scanned-layer axis of MaxText (``param_scan_axis``); declared, never
+      guessed. Einsum dims shared with the input live in ``a`` only: they are
+      rows, not batch axes.
+  """
+  batch_axes = tuple(batch_axes)
+  return Pairing(
+      rules=(
+          FactorRule(r'(?P<pair>.+)_lora_a', 'a', batch_axes=batch_axes),
+          FactorRule(r'(?P<pair>.+)_lora_b', 'b', batch_axes=batch_axes),
+      ),
+      name='qwix',
+  )
+
+
+def gemma_peft(batch_axes: Sequence[int] = ()) -> Pairing:
+  """The ``gemma.peft`` linen adapters: ``<layer>/lora/a`` and ``<layer>/lora/b``.
+
+  Checked against google-deepmind/gemma ``gemma/peft/_lora.py`` (commit
+  09471c79) and ``_einsum_utils.py``: the adapter module is named ``'lora'``
+  with params ``'a'`` and ``'b'``. ``LoRADense``: ``a (in, r)``,
+  ``b (r, features)``. ``LoRAEinsum`` (``'BTNH,NHD->BTD'``): ``a (N, H, r)``,
+  ``b (r, D)``, i.e. ``a (in dims..., r)``, ``b (r, out dims...)``.
+  ``LoRADenseGeneral``: ``a (batch..., axis dims..., r)``,
+  ``b (batch..., r, features...)``. ``delta = a @ b`` over the rank.
+
+  Args:
+    batch_axes: ``LoRADenseGeneral`` ``batch_dims`` or a scanned-layer axis.
+  """
+  batch_axes = tuple(batch_axes)
+  return Pairing(
+      rules=(
+          FactorRule(r'(?:(?P<pair>.*)/)?lora/a', 'a', batch_axes=batch_axes),
+          FactorRule(r'(?:(?P<pair>.*)/)?lora/b', 'b', batch_axes=batch_axes),
+      ),
+      name='gemma_peft',
+  )
+
+
+def lorax(batch_axes: Sequence[int] = (), positional: bool = False) -> Pairing:
+  """lorax (davisyoshida/lorax) ``LoraNode``/``LoraWeight``: ``delta = b @ a``.
+
+  Checked against davisyoshida/lorax ``lorax/transform.py`` (commit 977f0f13):
+  ``init_lora`` splits a kernel ``(in, out)`` into ``b (in, r)`` (zeros) and
+  ``a (r, out)`` (normal), ``LoraNode.evaluate`` is ``b @ a``; for a conv
+  kernel ``(*window, in, out)``: ``b (*window, in, r)``, ``a (1, ..., 1, r,
+  out)``. The roles are swapped with respect to ``delta = a @ b``: lorax's
+  ``b`` is this library's ``a`` (rank last) and lorax's ``a`` is this
+  library's ``b`` (rank second to last, which covers the conv layout).
+
+  Args:
+    batch_axes: leading axes of stacked adapters.
+    positional: ``LoraNode`` (lorax 0.1) flattens without key names, so its
+      ``a`` and ``b`` appear as ``<kernel>/0`` and ``<kernel>/1``; set this to
+      pair those paths instead of ``<kernel>/a`` and ``<kernel>/b`` (the
+      field names of lorax 0.2's ``LoraWeight``).
+  """
+  batch_axes = _leading(batch_axes, 'lorax')
+  a_name, b_name = ('0', '1') if positional else ('a', 'b')
+  return Pairing(
+      rules=(
+          FactorRule(rf'(?P<pair>.+)/{b_name}', 'a', batch_axes=batch_axes),
+          FactorRule(
+              rf'(?P<pair>.+)/{a_name}', 'b', rank_axis=-2, batch_axes=batch_axes
+          ),
+      ),
+      name='lorax',
+  )
+
+
+def peft(batch_axes: Sequence[int] = ()) -> Pairing:
+  """Hugging Face PEFT names and torch layouts, as found after conversion.
+
+  Checked against huggingface/peft ``src/peft/tuners/lora/layer.py`` (the
+  public text of the 0.1x releases and main; the earliest releases stored
+  embedding factors transposed, which needs a :func:`regex` rule):
+  ``lora_A`` is ``nn.Linear(in, r)``, weight ``(r, in)``; ``lora_B`` is
+  ``nn.Linear(r, out)``, weight ``(out, r)``; ``delta_W = lora_B @ lora_A``
+  (``(out, in)``). Paths look like
+  ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``
+  (in the model) or ``...q_proj.lora_A.weight`` (in a saved adapter), with
+  ``.`` or ``/`` separators; the adapter name (``default``) is part of the pair
+  key. Embeddings: ``lora_embedding_A (r, num_embeddings)``,
+  ``lora_embedding_B (embedding_dim, r)``. So ``lora_B`` plays ``a`` (rank
+  axis 1 after the batch axes) and ``lora_A`` plays ``b`` (rank axis 0).
+
+  Args:
+    batch_axes: leading axes of stacked adapters (layers stacked after
+      conversion).
+  """
+  batch_axes = _leading(batch_axes, 'peft')
+  nb = len(batch_axes)
+  tail = r'(?:[./](?P<adapter>[^./]+))?[./]weight'
+  return Pairing(
+      rules=(
+          FactorRule(rf'(?P<pair>.+)[./]lora_B{tail}', 'a', nb + 1, batch_axes),
+          FactorRule(rf'(?P<pair>.+)[./]lora_A{tail}', 'b', nb, batch_axes),
+          FactorRule(
+              r'(?P<pair>.+)[./]lora_embedding_B(?:[./](?P<adapter>[^./]+))?',
+              'a', nb + 1, batch_axes,
+          ),
+          FactorRule(
+              r'(?P<pair>.+)[./]lora_embedding_A(?:[./](?P<adapter>[^./]+))?',
+              'b', nb, batch_axes,
+          ),
+      ),
+      name='peft',
+  )
+
+
+def regex(
+    a: str,
+    b: str,
+    *,
+    a_rank_axis: int | None = None,
+    b_rank_axis: int | None = None,
+    batch_axes: Sequence[int] = (),
+    name: str = 'regex',
+) -> Pairing:
+  """A user rule for any other layout: two path patterns and the rank axes.
+
+  Example::
+
+    pairing = rite_optax.regex(
+        r'(?P<pair>.+)/down', r'(?P<pair>.+)/up', b_rank_axis=0)
+
+  Args:
+    a: pattern (``re.fullmatch`` on ``'x/y/z'`` paths, with a named group
+      ``pair``) of the factor whose rows are the input side, ``delta = a @ b``.
+    b: pattern of the other factor.
+    a_rank_axis: rank axis of ``a``; ``None`` is its last non-batch axis.
+    b_rank_axis: rank axis of ``b``; ``None`` is its first non-batch axis.
+    batch_axes: axes of stacked adapters, the same in both factors.
+    name: a label for messages and :func:`describe`.
+
+  Returns:
+    The :class:`Pairing`.
+  """
+  batch_axes = tuple(batch_axes)
+  return Pairing(
+      rules=(
+          FactorRule(a, 'a', a_rank_axis, batch_axes),
+          FactorRule(b, 'b', b_rank_axis, batch_axes),
+      ),
+      name=name,
+  )
+
+
+PRESETS = {
+    'nnx': nnx,
+    'qwix': qwix,
+    'gemma_peft': gemma_peft,
+    'lorax': lorax,
+    'peft': peft,
+}
 
 
 def resolve(pairing: str | Pairing) -> Pairing:
@@ -280,7 +460,9 @@ def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
           f' {pairing.name!r}: {[r.pattern for r, _ in matches]}.'
       )
     rule, match = matches[0]
-    key = match.group('pair') or ''
+    key = (match.group('pair') or '') + ''.join(
+        f'[{v}]' for g, v in match.groupdict().items() if g != 'pair' and v
+    )
     slot = found.setdefault(key, {})
     if rule.role in slot:
       raise ValueError(
@@ -319,3 +501,65 @@ def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
     pairs.append(FactorPair(key, a, b))
   pairs.sort(key=lambda p: p.a.index)
   return PairedTree(tuple(pairs), tuple(unpaired), tuple(paths))
+
+
+def describe(
+    params: Any, pairing: str | Pairing = 'nnx', *, print_output: bool = True
+) -> str:
+  """Summarises the pairs, canonical shapes, batch axes and unpaired leaves.
+
+  The first thing to run on a new model: it shows what :func:`lora_rite` will
+  do with each leaf. Works on arrays, ``jax.ShapeDtypeStruct`` and flax
+  containers (``nnx.State``, ``nn.Partitioned``).
+
+  Example::
+
+    >>> model = nnx.LoRALinear(8, 4, lora_rank=2, rngs=nnx.Rngs(0))
+    >>> _ = rite_optax.describe(nnx.state(model, nnx.Param))  # doctest: +SKIP
+    pairing 'nnx': 1 pair, 2 unpaired leaves
+      lora: a lora/lora_a (8, 2) rank axis 1 | b lora/lora_b (2, 4) rank axis 0
+        canonical (1, 8, 2) x (1, 4, 2), batch axes a () b ()
+    unpaired (AdamW fallback, 'zero' or 'error' in lora_rite):
+      bias (4,)
+      kernel (8, 4)
+
+  Args:
+    params: the trainable param tree.
+    pairing: a preset name or a :class:`Pairing`.
+    print_output: also print the summary to stdout.
+
+  Returns:
+    The summary text.
+
+  Raises:
+    ValueError, TypeError: as :func:`pair_leaves`.
+  """
+  pairing = resolve(pairing)
+  paired = pair_leaves(params, pairing)
+  leaves = jax.tree_util.tree_leaves(params)
+  n_pairs, n_unpaired = len(paired.pairs), len(paired.unpaired)
+  lines = [
+      f'pairing {pairing.name!r}: {n_pairs} pair{"s" * (n_pairs != 1)},'
+      f' {n_unpaired} unpaired {"leaf" if n_unpaired == 1 else "leaves"}'
+  ]
+  for pair in paired.pairs:
+    a, b = pair.a, pair.b
+    lines.append(
+        f'  {pair.key or "<root>"}: a {a.path} {a.shape} rank axis'
+        f' {a.rank_axis} | b {b.path} {b.shape} rank axis {b.rank_axis}'
+    )
+    lines.append(
+        f'    canonical {a.canonical_shape} x {b.canonical_shape}, batch axes'
+        f' a {a.batch_axes} b {b.batch_axes}'
+    )
+  if paired.unpaired:
+    lines.append(
+        "unpaired (AdamW fallback, 'zero' or 'error' in lora_rite):"
+    )
+    for i, path in enumerate(paired.paths):
+      if path in paired.unpaired and i not in paired.factor_indices:
+        lines.append(f'  {path} {tuple(getattr(leaves[i], "shape", ()))}')
+  text = '\n'.join(lines)
+  if print_output:
+    print(text, file=sys.stdout)
+  return text
