@@ -7,7 +7,14 @@ from rite_optax.lora_rite import lora_rite
 from rite_optax.lora_rite import scale_by_lora_rite
 from rite_optax.pairing import FactorRule
 from rite_optax.pairing import Pairing
+from rite_optax.pairing import describe
+from rite_optax.pairing import gemma_peft
+from rite_optax.pairing import lorax
+from rite_optax.pairing import nnx
 from rite_optax.pairing import pair_leaves
+from rite_optax.pairing import peft
+from rite_optax.pairing import qwix
+from rite_optax.pairing import regex
 
 __version__ = '0.1.0'
 
@@ -16,8 +23,15 @@ __all__ = [
     'Pairing',
     'ScaleByLoraRiteState',
     'balance_lora_factors',
+    'describe',
     'factor_labels',
+    'gemma_peft',
     'lora_rite',
+    'lorax',
+    'nnx',
     'pair_leaves',
+    'peft',
+    'qwix',
+    'regex',
     'scale_by_lora_rite',
 ]
