@@ -1,5 +1,10 @@
 """rite_optax: LoRA-RITE (Yen et al., ICLR 2025) as optax transformations."""
 
+from rite_optax.baselines import ScaleByRiemannianAdamState
+from rite_optax.baselines import lora_plus
+from rite_optax.baselines import riemannian_adam
+from rite_optax.baselines import scale_by_riemannian_adam
+from rite_optax.baselines import scale_lora_b
 from rite_optax.lora_rite import ScaleByLoraRiteState
 from rite_optax.lora_rite import balance_lora_factors
 from rite_optax.lora_rite import factor_labels
@@ -22,16 +27,21 @@ __all__ = [
     'FactorRule',
     'Pairing',
     'ScaleByLoraRiteState',
+    'ScaleByRiemannianAdamState',
     'balance_lora_factors',
     'describe',
     'factor_labels',
+    'lora_plus',
     'gemma_peft',
     'lora_rite',
     'lorax',
     'nnx',
     'pair_leaves',
+    'riemannian_adam',
     'peft',
     'qwix',
     'regex',
     'scale_by_lora_rite',
+    'scale_by_riemannian_adam',
+    'scale_lora_b',
 ]
