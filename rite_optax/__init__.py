@@ -20,6 +20,8 @@ from rite_optax.pairing import pair_leaves
 from rite_optax.pairing import peft
 from rite_optax.pairing import qwix
 from rite_optax.pairing import regex
+from rite_optax.sharding import abstract_state
+from rite_optax.sharding import state_partition_specs
 
 __version__ = '0.1.0'
 
@@ -28,6 +30,7 @@ __all__ = [
     'Pairing',
     'ScaleByLoraRiteState',
     'ScaleByRiemannianAdamState',
+    'abstract_state',
     'balance_lora_factors',
     'describe',
     'factor_labels',
@@ -44,4 +47,5 @@ __all__ = [
     'scale_by_lora_rite',
     'scale_by_riemannian_adam',
     'scale_lora_b',
+    'state_partition_specs',
 ]

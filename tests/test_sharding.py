@@ -1,0 +1,252 @@
+"""Sharded runs on 8 simulated CPU devices: state specs, equality, HLO collectives."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import rite_optax
+from rite_optax import pairing as pairing_lib
+
+AUTO = jax.sharding.AxisType.Auto
+SCANNED = pairing_lib.Pairing(
+    rules=(
+        pairing_lib.FactorRule(r'(?P<pair>scan)/lora_a', 'a', batch_axes=(0,)),
+        pairing_lib.FactorRule(r'(?P<pair>scan)/lora_b', 'b', batch_axes=(0,)),
+        pairing_lib.FactorRule(r'(?P<pair>q|v)/lora_a', 'a'),
+        pairing_lib.FactorRule(r'(?P<pair>q|v)/lora_b', 'b'),
+    ),
+    name='scan+nnx',
+)
+STEPS = 20
+
+
+def make_mesh(shape, names):
+  return jax.make_mesh(shape, names, axis_types=(AUTO,) * len(shape))
+
+
+def problem(dtype=jnp.float32):
+  """Params (two equal-shape adapters, one scanned, a bias) and LoRA targets."""
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+  normal = lambda shape, scale=1.0: scale * jax.random.normal(next(keys), shape, dtype)
+  params = {
+      'q': {'lora_a': normal((64, 4)), 'lora_b': normal((4, 32), 0.5)},
+      'v': {'lora_a': normal((64, 4)), 'lora_b': normal((4, 32), 0.5)},
+      'scan': {'lora_a': normal((2, 128, 8)), 'lora_b': normal((2, 8, 16), 0.5)},
+      'bias': normal((32,)),
+  }
+  targets = {
+      'q': normal((64, 32)), 'v': normal((64, 32)), 'scan': normal((2, 128, 16)),
+      'bias': normal((32,)),
+  }
+  return params, targets
+
+
+def loss(params, targets):
+  total = jnp.mean(jnp.square(params['bias'] - targets['bias']))
+  for name in ('q', 'v', 'scan'):
+    z = params[name]['lora_a'] @ params[name]['lora_b']
+    total += jnp.mean(jnp.square(z - targets[name]))
+  return total
+
+
+def optimizer():
+  return rite_optax.lora_rite(3e-2, pairing=SCANNED, update_skipping=0.0)
+
+
+def row_specs(data, model=None):
+  """Factors sharded on their row axis; the scanned adapter's layers on ``data``."""
+  rows = model or data
+  return {
+      'q': {'lora_a': P(rows, None), 'lora_b': P(None, rows)},
+      'v': {'lora_a': P(rows, None), 'lora_b': P(None, rows)},
+      'scan': ({'lora_a': P(data, model, None), 'lora_b': P(data, None, model)} if model
+               else {'lora_a': P(None, data, None), 'lora_b': P(None, None, data)}),
+      'bias': P(rows),
+  }
+
+
+def shardings(specs, mesh):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def train_step(tx):
+  def step(params, state, targets):
+    grads = jax.grad(loss)(params, targets)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def run(params, targets, steps, mesh=None, specs=None):
+  """``steps`` jitted steps, unsharded when ``mesh`` is None."""
+  tx = optimizer()
+  if mesh is None:
+    step = jax.jit(train_step(tx))
+    state = tx.init(params)
+  else:
+    param_shardings = shardings(specs, mesh)
+    state_shardings = shardings(
+        rite_optax.state_partition_specs(tx, params, specs, SCANNED), mesh)
+    params = jax.device_put(params, param_shardings)
+    targets = jax.device_put(targets, NamedSharding(mesh, P()))
+    state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+    step = jax.jit(train_step(tx), out_shardings=(param_shardings, state_shardings))
+  for _ in range(steps):
+    params, state = step(params, state, targets)
+  return params, state
+
+
+def rite_state(state):
+  is_rite = lambda x: isinstance(x, rite_optax.ScaleByLoraRiteState)
+  rite, = [x for x in jax.tree.leaves(state, is_leaf=is_rite) if is_rite(x)]
+  return rite
+
+
+def z_space(state):
+  """The state as seen in Z-space, free of the orthonormal basis' gauge.
+
+  Bases from the eigh of an r×r Gram matrix are unique only up to an r×r
+  rotation that float32 rounding moves (ALGORITHM.md §4: any basis gives the
+  same updates), so moments are compared as ``M_A U_Bᵀ`` and ``U_B V_A U_Bᵀ``,
+  which are basis-free, as are ``count``, ``skipped`` and ``ρ``.
+  """
+  rite = rite_state(state)
+  out = {'count': rite.count, 'skipped': rite.skipped, 'rho': rite.escaped_mass}
+  for name in ('q', 'v', 'scan'):
+    m, u, v = (getattr(rite, f)[name] for f in ('first_moment', 'basis', 'second_moment'))
+    u_a, u_b = u['lora_a'], jnp.swapaxes(u['lora_b'], -1, -2)  # (.., rows, r)
+    m_a, m_b = m['lora_a'], jnp.swapaxes(m['lora_b'], -1, -2)
+    out[name] = {
+        'm_a': m_a @ jnp.swapaxes(u_b, -1, -2), 'm_b': m_b @ jnp.swapaxes(u_a, -1, -2),
+        'v_a': u_b @ v['lora_a'] @ jnp.swapaxes(u_b, -1, -2),
+        'v_b': u_a @ v['lora_b'] @ jnp.swapaxes(u_a, -1, -2),
+    }
+  return out
+
+
+def assert_trees_close(actual, expected, rtol):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    np.testing.assert_array_less(np.linalg.norm(a - e), rtol * max(np.linalg.norm(e), 1.0))
+
+
+MESHES = {
+    '1d': (((8,), ('data',)), ('data',)),
+    '2d': (((2, 4), ('data', 'model')), ('data', 'model')),
+}
+
+
+@pytest.fixture(scope='module')
+def unsharded():
+  params, targets = problem()
+  return run(params, targets, STEPS)
+
+
+@pytest.mark.parametrize('which', sorted(MESHES))
+def test_sharded_run_equals_unsharded_and_keeps_predicted_shardings(which, unsharded):
+  (shape, names), axes = MESHES[which]
+  mesh = make_mesh(shape, names)
+  specs = row_specs(*axes)
+  params, targets = problem()
+  tx = optimizer()
+  predicted = shardings(rite_optax.state_partition_specs(tx, params, specs, SCANNED), mesh)
+
+  sharded_params, sharded_state = run(params, targets, STEPS, mesh, specs)
+
+  assert_trees_close(sharded_params, unsharded[0], rtol=1e-6)
+  assert_trees_close(z_space(sharded_state), z_space(unsharded[1]), rtol=1e-6)
+  assert_trees_close(sharded_state, unsharded[1], rtol=1e-4)
+  for leaf, expected in zip(jax.tree.leaves(sharded_state), jax.tree.leaves(predicted),
+                            strict=True):
+    assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), (leaf.sharding, expected)
+  # The loss decreased, so the comparison is not between two frozen runs.
+  assert loss(sharded_params, targets) < 0.8 * loss(params, targets)
+
+
+def test_typeof_state_is_stable_across_an_update():
+  mesh = make_mesh((2, 4), ('data', 'model'))
+  specs = row_specs('data', 'model')
+  params, targets = problem()
+  tx = optimizer()
+  state_shardings = shardings(rite_optax.state_partition_specs(tx, params, specs, SCANNED), mesh)
+  params = jax.device_put(params, shardings(specs, mesh))
+  state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+  _, new_state = jax.jit(train_step(tx))(params, state, targets)
+  assert jax.tree.map(jax.typeof, new_state) == jax.tree.map(jax.typeof, state)
+
+
+def test_specs_follow_rite_fields_and_fallback_through_wrappers():
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), problem()[0])
+  specs = row_specs('data', 'model')
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.inject_hyperparams(rite_optax.lora_rite)(learning_rate=1e-3, pairing=SCANNED))
+  state_specs = rite_optax.state_partition_specs(tx, abstract, specs, SCANNED)
+
+  rite = rite_state(state_specs)
+  assert rite.count == P() and rite.skipped == P()
+  assert rite.first_moment['scan']['lora_a'] == P('data', 'model', None)
+  assert rite.basis['q']['lora_b'] == P(None, 'model')
+  assert rite.second_moment['scan']['lora_b'] == P('data', None, None)
+  assert rite.second_moment['q']['lora_a'] == P(None, None)
+  assert rite.escaped_mass['scan']['lora_a'] == P('data')
+  assert rite.escaped_mass['q']['lora_a'] == P()
+  assert isinstance(rite.first_moment['bias'], optax.MaskedNode)
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  adam, = [x for x in jax.tree.leaves(state_specs, is_leaf=is_adam) if is_adam(x)]
+  assert adam.mu['bias'] == P('model') and adam.nu['bias'] == P('model')
+  assert isinstance(adam.mu['q']['lora_a'], optax.MaskedNode)
+  # Specs and state have the same structure, and every spec fits its leaf.
+  state = jax.eval_shape(tx.init, abstract)
+  for leaf, spec in zip(jax.tree.leaves(state), jax.tree.leaves(state_specs), strict=True):
+    assert len(spec) <= leaf.ndim
+
+
+def test_abstract_state_carries_shardings_of_the_specs():
+  mesh = make_mesh((2, 4), ('data', 'model'))
+  params = problem()[0]
+  specs = row_specs('data', 'model')
+  tx = optimizer()
+  target = rite_optax.abstract_state(tx, params, specs, mesh, SCANNED)
+  state = jax.eval_shape(tx.init, params)
+  expected = rite_optax.state_partition_specs(tx, params, specs, SCANNED)
+  for leaf, abstract, spec in zip(jax.tree.leaves(state), jax.tree.leaves(target),
+                                  jax.tree.leaves(expected), strict=True):
+    assert (abstract.shape, abstract.dtype) == (leaf.shape, leaf.dtype)
+    assert abstract.sharding == NamedSharding(mesh, spec)
+
+
+def collectives(hlo_text):
+  """``(op, result shape)`` of every cross-device collective in optimized HLO."""
+  ops = 'all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute'
+  pattern = rf'=\s*(\(?[a-z0-9]+\[[^=]*?)\s+({ops})(?:-start)?\('
+  return [(op, shape) for shape, op in re.findall(pattern, hlo_text)]
+
+
+@pytest.mark.parametrize('which', sorted(MESHES))
+def test_sharded_update_gathers_no_param_shaped_array(which):
+  (shape, names), axes = MESHES[which]
+  mesh = make_mesh(shape, names)
+  specs = row_specs(*axes)
+  params, _ = problem()
+  tx = optimizer()
+  param_shardings = shardings(specs, mesh)
+  state_shardings = shardings(rite_optax.state_partition_specs(tx, params, specs, SCANNED), mesh)
+  update = jax.jit(tx.update, in_shardings=(param_shardings, state_shardings, param_shardings),
+                   out_shardings=(param_shardings, state_shardings))
+  state = jax.eval_shape(tx.init, params)
+  hlo = update.lower(params, state, params).compile().as_text()
+  found = collectives(hlo)
+  assert found, 'a sharded step needs r×r all-reduces; the HLO parser found none'
+  param_dims = {tuple(leaf.shape) for leaf in jax.tree.leaves(params)}
+  for op, result in found:
+    dims = [tuple(int(d) for d in m.split(',') if d) for m in re.findall(r'\[([0-9,]*)\]', result)]
+    assert not (op == 'all-gather' and any(d in param_dims for d in dims)), (op, result)
+    # Nothing factor-sized crosses devices at all: only r×r and scalars.
+    assert all(np.prod(d, dtype=int) <= 2 * 8 * 8 for d in dims), (op, result)
