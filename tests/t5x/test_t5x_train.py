@@ -1,0 +1,111 @@
+"""Real ``python -m t5x.train`` runs of gin/tiny_*_cpu.gin on 2 simulated CPU devices.
+
+Skipped without t5x, flaxformer and seqio. flaxformer's gin files are looked up
+next to the installed package or under ``$FLAXFORMER_GIN_ROOT`` (a flaxformer
+source checkout: the folder that contains ``flaxformer/``).
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip('t5x')
+flaxformer = pytest.importorskip('flaxformer')
+pytest.importorskip('seqio')
+
+from t5x import checkpoints  # noqa: E402
+
+pytestmark = pytest.mark.t5x
+
+GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / 'gin'
+ARCHITECTURE_GIN = 'flaxformer/t5x/configs/t5/architectures/t5_1_1_flaxformer.gin'
+BASE_STEPS = 20
+
+
+def _flaxformer_gin_root() -> str:
+  candidates = [os.environ.get('FLAXFORMER_GIN_ROOT', ''),
+                str(pathlib.Path(flaxformer.__file__).resolve().parents[1])]
+  for root in candidates:
+    if root and (pathlib.Path(root) / ARCHITECTURE_GIN).exists():
+      return root
+  pytest.skip(f'{ARCHITECTURE_GIN} not found; set FLAXFORMER_GIN_ROOT to a flaxformer checkout.')
+
+
+def _train(run_gin: str, gin_file: str, model_dir: pathlib.Path, *bindings: str) -> str:
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  cmd = [sys.executable, '-m', 't5x.train',
+         f'--gin_search_paths={GIN_DIR},{_flaxformer_gin_root()}',
+         f'--gin_file=t5x/configs/runs/{run_gin}', f'--gin_file={ARCHITECTURE_GIN}',
+         f'--gin_file={gin_file}',
+         f"--gin.MODEL_DIR='{model_dir}'", '--gin.utils.SaveCheckpointConfig.period=20',
+         *[f'--gin.{b}' for b in bindings], '--alsologtostderr']
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+  log = proc.stdout + proc.stderr
+  assert proc.returncode == 0, log[-6000:]
+  return log
+
+
+def _train_losses(log: str) -> dict[int, float]:
+  pattern = r'\[(\d+)\] collection=train .*?loss_per_nonpadding_target_token=([0-9.]+)'
+  return {int(s): float(v) for s, v in re.findall(pattern, log)}
+
+
+def _flat(tree, prefix=''):
+  out = {}
+  for k, v in tree.items():
+    path = f'{prefix}/{k}' if prefix else k
+    out.update(_flat(v, path) if isinstance(v, dict) else {path: np.asarray(v)})
+  return out
+
+
+def _params(ckpt: pathlib.Path) -> dict[str, np.ndarray]:
+  state = checkpoints.load_t5x_checkpoint(str(ckpt))
+  return _flat(state['target'])
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('t5x')
+  logs = {'base': _train('pretrain.gin', 'tiny_base_cpu.gin', root / 'base')}
+  init = f"INITIAL_CHECKPOINT_PATH='{root / 'base' / f'checkpoint_{BASE_STEPS}'}'"
+  logs['lora'] = _train('finetune.gin', 'tiny_lora_rite_cpu.gin', root / 'lora', init,
+                        'TRAIN_STEPS=60')
+  logs['resume'] = _train('finetune.gin', 'tiny_lora_rite_cpu.gin', root / 'lora', init,
+                          'TRAIN_STEPS=100')
+  return root, logs
+
+
+def test_finetune_from_lora_free_checkpoint_trains_only_lora(runs):
+  root, logs = runs
+  base = _params(root / 'base' / f'checkpoint_{BASE_STEPS}')
+  assert not any('lora_' in k for k in base)
+  first, last = _params(root / 'lora' / 'checkpoint_40'), _params(root / 'lora' / 'checkpoint_60')
+  lora_keys = sorted(k for k in last if k.rsplit('/', 1)[-1] in ('lora_a', 'lora_b'))
+  # 2 enc layers × (q,k,v,o + wi_0,wi_1,wo) + 2 dec layers × (2×4 + 3), two factors each.
+  assert len(lora_keys) == 2 * (2 * 7 + 2 * 11)
+  assert set(last) - set(lora_keys) == set(base)
+  for k, v in base.items():
+    np.testing.assert_array_equal(last[k], v, err_msg=f'frozen base param {k} changed')
+  for k in lora_keys:
+    assert not np.array_equal(first[k], last[k]), f'LoRA leaf {k} did not change'
+  losses = _train_losses(logs['lora'])
+  base_loss = _train_losses(logs['base'])[BASE_STEPS]
+  assert losses[60] < losses[40] < base_loss, (base_loss, losses)
+
+
+def test_resume_continues_from_checkpoint(runs):
+  root, logs = runs
+  assert 'checkpoint_60' in logs['resume'] or (root / 'lora' / 'checkpoint_100').exists()
+  losses = _train_losses(logs['resume'])
+  assert min(losses) > 60, losses  # no step re-run from the base checkpoint
+  assert losses[100] < _train_losses(logs['lora'])[60], losses
+  resumed = _params(root / 'lora' / 'checkpoint_100')
+  base = _params(root / 'base' / f'checkpoint_{BASE_STEPS}')
+  for k, v in base.items():
+    np.testing.assert_array_equal(resumed[k], v, err_msg=f'frozen base param {k} changed')
