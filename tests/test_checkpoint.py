@@ -108,8 +108,8 @@ def test_checkpoint_manager_restores_onto_another_mesh_bit_identically(flat, tmp
 
 def test_standard_checkpointer_restores_onto_a_different_layout(flat, tmp_path):
   _, at_save = flat
-  ocp.StandardCheckpointer().save(tmp_path / 'ckpt', at_save)
-  ocp.StandardCheckpointer().wait_until_finished()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'ckpt', at_save)
   other = Trainer(*SQUARE_2D)
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(tmp_path / 'ckpt', other.abstract())
