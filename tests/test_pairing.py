@@ -49,7 +49,7 @@ def canonical_factors(seed, shapes):
 def make_step(pairing, z_fn, unpaired='zero'):
   """One jitted lora_rite step on the loss Σ⟨dZ, Z(params)⟩ (Z computed the library's way)."""
   tx = rite_optax.lora_rite(1e-2, pairing=pairing, unpaired=unpaired, **ALL_ON)
-  loss = lambda p, dz: sum(jnp.sum(d * z) for d, z in zip(dz, z_fn(p)))
+  loss = lambda p, dz: sum(jnp.sum(d * z) for d, z in zip(dz, z_fn(p), strict=True))
 
   @jax.jit
   def step(params, state, dz):
@@ -81,16 +81,16 @@ def check_invariance(pairing, build, z_fn, factors, steps=10, seed=1):
     moved.append((a @ rs, b @ np.linalg.inv(rs).swapaxes(-1, -2)))
   p0, p1 = build(factors), build(moved)
   z_init = [np.asarray(z) for z in z_fn(p0)]
-  for z0, z1 in zip(z_init, z_fn(p1)):
+  for z0, z1 in zip(z_init, z_fn(p1), strict=True):
     assert rel_err(z1, z0) < 1e-12
   dzs = [[jnp.asarray(0.5 * rng.standard_normal(z.shape)) for z in z_init] for _ in range(steps)]
   tx_and_step = make_step(pairing, z_fn)
   out0, out1 = run_steps(tx_and_step, p0, z_fn, dzs), run_steps(tx_and_step, p1, z_fn, dzs)
-  for t, (zs0, zs1) in enumerate(zip(out0, out1)):
-    for z0, z1 in zip(zs0, zs1):
+  for t, (zs0, zs1) in enumerate(zip(out0, out1, strict=True)):
+    for z0, z1 in zip(zs0, zs1, strict=True):
       assert rel_err(z1, z0) <= 1e-10, (t, rel_err(z1, z0))
   # The optimizer did move Z, so the comparison above can fail.
-  assert min(rel_err(z, z0) for z, z0 in zip(out0[-1], z_init)) > 1e-3
+  assert min(rel_err(z, z0) for z, z0 in zip(out0[-1], z_init, strict=True)) > 1e-3
 
 
 def keys_and_shapes(tree, pairing):
@@ -232,7 +232,7 @@ def lorax_z(p):
   get = (lambda n: (n.a, n.b)) if isinstance(p['dense']['kernel'], LoraNode) else (
       lambda n: (n['a'], n['b']))
   (a1, b1), (a2, b2) = get(p['dense']['kernel']), get(p['conv']['kernel'])
-  return [b1 @ a1, jnp.einsum('hwir,r o->hwio'.replace(' ', ''), b2, a2[0, 0])]
+  return [b1 @ a1, jnp.einsum('hwir,ro->hwio', b2, a2[0, 0])]
 
 
 @pytest.mark.parametrize('positional', [True, False])
@@ -335,7 +335,7 @@ def test_stacked_pair_equals_separate_pairs(scan_axis):
                           stacked, z_stacked, [[jnp.asarray(dz)] for dz in dzs])
   out_separate = run_steps(make_step('nnx', z_separate), separate, z_separate,
                            [[jnp.asarray(d) for d in dz] for dz in dzs])
-  for zs, zl in zip(out_stacked, out_separate):
+  for zs, zl in zip(out_stacked, out_separate, strict=True):
     np.testing.assert_allclose(zs[0], np.stack(zl), rtol=0, atol=1e-12 * np.abs(zs[0]).max())
   assert rel_err(out_stacked[-1][0], np.einsum('lmr,lnr->lmn', a, b)) > 1e-3
 
