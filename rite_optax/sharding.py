@@ -21,8 +21,7 @@ from typing import Any
 
 import jax
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rite_optax import pairing as pairing_lib
 from rite_optax.lora_rite import ScaleByLoraRiteState
@@ -44,7 +43,7 @@ def _specs_by_path(params: Any, param_specs: Any) -> dict[str, tuple[Any, ...]]:
   specs = treedef.flatten_up_to(param_specs)
   return {
       pairing_lib.path_string(path): _entries(spec, len(leaf.shape))
-      for (path, leaf), spec in zip(leaves, specs)
+      for (path, leaf), spec in zip(leaves, specs, strict=True)
   }
 
 

@@ -8,14 +8,16 @@ import pytest
 from flax import serialization
 
 import rite_optax
-from tests.test_sharding import SCANNED
-from tests.test_sharding import make_mesh
-from tests.test_sharding import optimizer
-from tests.test_sharding import problem
-from tests.test_sharding import rite_state
-from tests.test_sharding import row_specs
-from tests.test_sharding import shardings
-from tests.test_sharding import train_step
+from tests.test_sharding import (
+  SCANNED,
+  make_mesh,
+  optimizer,
+  problem,
+  rite_state,
+  row_specs,
+  shardings,
+  train_step,
+)
 
 SAVE_AT, STEPS = 10, 20
 ALL = ('data', 'model')

@@ -5,11 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tests.test_sharding import assert_trees_close
-from tests.test_sharding import loss
-from tests.test_sharding import optimizer
-from tests.test_sharding import problem
-from tests.test_sharding import z_space
+from tests.test_sharding import assert_trees_close, loss, optimizer, problem, z_space
 
 DEVICES = 8
 STEPS = 5
