@@ -10,8 +10,7 @@ import optax
 import pytest
 
 import rite_optax
-from t5x_configs import labels
-from t5x_configs import lora
+from t5x_configs import labels, lora
 
 gin = pytest.importorskip('gin')
 
@@ -73,7 +72,7 @@ def _run(tx, steps=2):
   state = tx.init(params)
   update = jax.jit(tx.update)
   for i in range(steps):
-    grads = jax.tree.map(lambda x: 1e-2 * (i + 1) * jnp.ones_like(x), params)
+    grads = jax.tree.map(lambda x, s=1e-2 * (i + 1): s * jnp.ones_like(x), params)
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
   return params, state

@@ -12,10 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import rite_optax
-from t5x_configs import labels
-from t5x_configs import lora
-from t5x_configs import partition_rules
-from t5x_configs import tasks
+from t5x_configs import labels, lora, partition_rules, tasks
 
 RESHAPED = {'heads * kv': 'joined_kv'}
 
