@@ -119,3 +119,9 @@ def test_xxl_config_values(parse):
   assert gin.query_parameter('%INITIAL_CHECKPOINT_PATH').endswith('mt5_xxl/checkpoint_1000000')
   for dim in (64, 64 * 64, 10240):  # heads, joined_kv, mlp split by the model axis
     assert dim % 16 == 0
+
+
+def test_gin_dir_is_the_checkout_gin_folder():
+  import t5x_configs
+
+  assert pathlib.Path(t5x_configs.gin_dir()) == GIN_DIR
