@@ -127,10 +127,10 @@ def _layer_norm(x):
 def _lm_shapes(cfg: LMConfig) -> dict[str, tuple[int, int]]:
   d = cfg.dim
   shapes = {}
-  for l in range(cfg.layers):
-    shapes.update({f'l{l}_q': (d, d), f'l{l}_k': (d, d), f'l{l}_v': (d, d),
-                   f'l{l}_o': (d, d), f'l{l}_up': (d, 4 * d),
-                   f'l{l}_down': (4 * d, d)})
+  for i in range(cfg.layers):
+    shapes.update({f'l{i}_q': (d, d), f'l{i}_k': (d, d), f'l{i}_v': (d, d),
+                   f'l{i}_o': (d, d), f'l{i}_up': (d, 4 * d),
+                   f'l{i}_down': (4 * d, d)})
   return shapes
 
 
@@ -142,9 +142,9 @@ def _lm_forward(cfg, base, lora, tokens):
   t = tokens.shape[-1]
   x = base['embed'][tokens] + base['pos'][:t]
   mask = jnp.tril(jnp.ones((t, t), bool))
-  for l in range(cfg.layers):
-    def proj(name, y, l=l):
-      key = f'l{l}_{name}'
+  for i in range(cfg.layers):
+    def proj(name, y, i=i):
+      key = f'l{i}_{name}'
       return _dense(y, base[key], lora[key]) if key in lora else y @ base[key]
     y = _layer_norm(x)
     q, k, v = (proj(n, y).reshape(*y.shape[:-1], h, d // h) for n in 'qkv')

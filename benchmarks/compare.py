@@ -25,7 +25,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
@@ -203,7 +202,7 @@ def _format_invariance(results):
 
 def _plots(all_results, invariance_problem, out):
   fig, axes = plt.subplots(1, len(all_results), figsize=(5.5 * len(all_results), 4))
-  for ax, (problem, results) in zip(np.atleast_1d(axes), all_results.items()):
+  for ax, (problem, results) in zip(np.atleast_1d(axes), all_results.items(), strict=True):
     for name, r in results.items():
       ax.plot(r['lrs'], np.mean(_finite(np.asarray(r['final_loss'])), 1),
               marker='o', label=name)
@@ -215,7 +214,7 @@ def _plots(all_results, invariance_problem, out):
   plt.close(fig)
 
   fig, axes = plt.subplots(1, len(all_results), figsize=(5.5 * len(all_results), 4))
-  for ax, (problem, results) in zip(np.atleast_1d(axes), all_results.items()):
+  for ax, (problem, results) in zip(np.atleast_1d(axes), all_results.items(), strict=True):
     for name, r in results.items():
       ax.plot(r['curve'], label=f"{name} (lr={r['best_lr']:g})")
     ax.set(yscale='log', xlabel='step', ylabel='train loss (seed mean)',
