@@ -261,7 +261,7 @@ def scale_by_lora_rite(
     for side in sides:
       side.x, side.grad = side.gather(factors), side.gather(grads)
       side.gram = fm.gram(side.x, side.rank_major)
-    for side, gram_eigh in zip(sides, fm.eigh_each([s.gram for s in sides])):
+    for side, gram_eigh in zip(sides, fm.eigh_each([s.gram for s in sides]), strict=True):
       side.basis, side.r_pinv = fm.orthonormal_basis(side.x, gram_eigh, side.rank_major)
     for side, other in partners:
       side.gbar = fm.unmagnified_gradient(side.grad, other.r_pinv, side.rank_major)
@@ -274,12 +274,12 @@ def scale_by_lora_rite(
     squared = [fm.squared_norm(s.gbar_gram) for s in sides]
     finite = jnp.isfinite(total(squared))
     kept = [fm.kept_by_skipping(sq, s.rows * s.gram.shape[-1], update_skipping)
-            for sq, s in zip(squared, sides)]
-    grad_norm = jnp.sqrt(total(k * sq for k, sq in zip(kept, squared)))
+            for sq, s in zip(squared, sides, strict=True)]
+    grad_norm = jnp.sqrt(total(k * sq for k, sq in zip(kept, squared, strict=True)))
     clip = jnp.asarray(clip_unmagnified_grad, dtype)
     clip_scale = jnp.where(
         (clip > 0) & (grad_norm > clip), clip / jnp.where(grad_norm > 0, grad_norm, 1.0), 1.0)
-    for side, k in zip(sides, kept):
+    for side, k in zip(sides, kept, strict=True):
       side.grad_scale = (k * clip_scale).astype(side.dtype)[:, None, None]
 
     def apply_step(_):
@@ -319,7 +319,7 @@ def scale_by_lora_rite(
         delta = delta + jnp.asarray(weight_decay, side.dtype) * side.x
         pieces = zip(side.views, _unstack(delta, side.views), _unstack(m_new, side.views),
                      _unstack(side.basis, side.views), _unstack(side.v_new, side.views),
-                     _unstack(rho, side.views))
+                     _unstack(rho, side.views), strict=True)
         for view, d, m, u, v, r in pieces:
           k = view.index
           new_updates[k] = _from_compute(view, d, grads[k].dtype)
