@@ -70,14 +70,27 @@ def matmul_t(x: jax.Array, small: jax.Array, rank_major: bool = False) -> jax.Ar
   return _mm('bsr,brn->bsn', small, x) if rank_major else _mm('bnr,bsr->bns', x, small)
 
 
-def eigh_each(matrices: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
-  """Batched symmetric eigendecompositions of many ``(batch, r, r)`` stacks.
+def _eigh(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A batched symmetric eigh that cannot deadlock jaxlib's CPU thread pool.
 
-  Stacks of equal r are concatenated into one call, and the calls for different
-  r are ordered one after another. On CPU, jaxlib runs a batched eigh as a
-  LAPACK loop spread over the intra-op thread pool; two such calls running at
-  once can deadlock that pool (seen with jax 0.10.2 on 2 cores), and one big
-  call is also faster than many small ones.
+  On CPU, jaxlib (0.10) runs a batched eigh as LAPACK calls spread over the
+  intra-op thread pool and blocks until they finish; two such calls at once
+  (two calls in one program, or one per simulated device of a mesh) can leave
+  every pool thread waiting (seen on 2 cores from 32 stacked adapters, and in
+  8-device meshes). On CPU the matrices are therefore decomposed one after
+  another in a loop (``lax.map``), each call inline; elsewhere (GPU, TPU) in
+  one batched call.
+  """
+  return jax.lax.platform_dependent(
+      batch, cpu=lambda b: jax.lax.map(jnp.linalg.eigh, b), default=jnp.linalg.eigh)
+
+
+def eigh_each(matrices: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+  """Symmetric eigendecompositions of many ``(batch, r, r)`` stacks.
+
+  Stacks of equal r are concatenated into one call (:func:`_eigh`), and the
+  calls for different r are ordered one after another, so a step never runs two
+  eigh calls at once.
 
   Returns:
     ``(eigenvalues ascending, eigenvectors)`` per input, in input order.
@@ -89,9 +102,9 @@ def eigh_each(matrices: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
   previous = None
   for indices in by_rank.values():
     batch = jnp.concatenate([matrices[i] for i in indices], axis=0)
-    if previous is not None:  # a data dependency orders the LAPACK calls
+    if previous is not None:  # a data dependency orders the calls
       batch, _ = jax.lax.optimization_barrier((batch, previous))
-    lam, vecs = jnp.linalg.eigh(batch)
+    lam, vecs = _eigh(batch)
     previous = lam
     offset = 0
     for i in indices:
