@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -153,28 +154,53 @@ def orthonormality_correction(u1_gram: jax.Array, keep: jax.Array) -> jax.Array:
   return jnp.where(ok, y + (eye - kept_eye), eye)
 
 
-def orthonormal_basis(
-    x: jax.Array, gram_eigh: tuple[jax.Array, jax.Array], rank_major: bool = False
-) -> tuple[jax.Array, jax.Array]:
-  """An orthonormal basis U of the columns of x and R⁺ with ``x = U R``.
+def stack(pieces: list[jax.Array]) -> jax.Array:
+  """Concatenates per-factor pieces along the batch axis (no copy for one)."""
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
 
-  Matmul-only given the eigendecomposition of the Gram matrix ``xᵀx``, so on a
+
+def split_like(stacked: jax.Array, pieces: list[jax.Array]) -> list[jax.Array]:
+  """Splits a ``(batch, ...)`` stack into the batch sizes of ``pieces``."""
+  offsets = np.cumsum([p.shape[0] for p in pieces])[:-1].tolist()
+  return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
+
+
+def orthonormal_bases(
+    xs: list[jax.Array], gram_eigh: tuple[jax.Array, jax.Array], rank_major: bool = False
+) -> tuple[list[jax.Array], jax.Array]:
+  """Orthonormal bases U of the columns of each x and R⁺ with ``x = U R``.
+
+  Matmul-only given the eigendecomposition of the Gram matrices ``xᵀx``, so on a
   mesh only r×r matrices cross devices (ALGORITHM.md §4: any orthonormal basis
   gives the same update): ``U₁ = x R₁⁺`` (:func:`gram_pseudo_inverse`), then
   ``U = U₁ Y`` (:func:`orthonormality_correction`) and ``R⁺ = R₁⁺ Y``.
 
+  Thin arrays stay separate pieces (each factor's own buffer: stacking them
+  would copy every factor), while their r×r matrices are stacked so that the
+  small linear algebra of all pieces runs as one batched call.
+
   Args:
-    x: ``(batch, rows, r)``, or ``(batch, r, rows)`` when ``rank_major``.
-    gram_eigh: ``(σ², W)`` of :func:`gram` ``(x)``, from :func:`eigh_each`.
-    rank_major: the layout of x (see :func:`gram`).
+    xs: pieces ``(batch_i, rows, r)``, or ``(batch_i, r, rows)`` when ``rank_major``.
+    gram_eigh: ``(σ², W)`` of the stacked :func:`gram` s of ``xs``, from
+      :func:`eigh_each`.
+    rank_major: the layout of the pieces (see :func:`gram`).
 
   Returns:
-    ``(U, R⁺)``: U in x's layout and ``(batch, r, r)``.
+    ``(U pieces in the layout of xs, stacked R⁺ (batch, r, r))``.
   """
-  r1_pinv, keep = gram_pseudo_inverse(gram_eigh, x.dtype)
-  u1 = matmul(x, r1_pinv, rank_major)
-  y = orthonormality_correction(gram(u1, rank_major), keep)
-  return matmul(u1, y, rank_major), matmul_small(r1_pinv, y)
+  r1_pinv, keep = gram_pseudo_inverse(gram_eigh, xs[0].dtype)
+  u1 = [matmul(x, p, rank_major) for x, p in zip(xs, split_like(r1_pinv, xs), strict=True)]
+  y = orthonormality_correction(stack([gram(u, rank_major) for u in u1]), keep)
+  bases = [matmul(u, p, rank_major) for u, p in zip(u1, split_like(y, xs), strict=True)]
+  return bases, matmul_small(r1_pinv, y)
+
+
+def orthonormal_basis(
+    x: jax.Array, gram_eigh: tuple[jax.Array, jax.Array], rank_major: bool = False
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`orthonormal_bases` of a single stack: ``(U, R⁺)``."""
+  (basis,), r_pinv = orthonormal_bases([x], gram_eigh, rank_major)
+  return basis, r_pinv
 
 
 def matmul_small(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -187,6 +213,11 @@ def unmagnified_gradient(
 ) -> jax.Array:
   """ḡ_A = ∇A R_B⁺ (= ∇Z U_B): the gradient free of the other factor's scale."""
   return matmul(grad, partner_r_pinv, rank_major)
+
+
+def unmagnified_gram(grad_gram: jax.Array, partner_r_pinv: jax.Array) -> jax.Array:
+  """ḡᵀḡ = R_B⁺ᵀ (∇Aᵀ∇A) R_B⁺, from the gradient's r×r Gram: ḡ is never formed."""
+  return symmetrize(_mm('bsr,bst,btu->bru', partner_r_pinv, grad_gram, partner_r_pinv))
 
 
 def rms(x: jax.Array) -> jax.Array:
@@ -276,8 +307,17 @@ def first_moment(
 
 def capping_scale(m: jax.Array, capping: jax.Array) -> jax.Array:
   """1 / max(1, RMS(M)/cap) per adapter, ``(batch,)``; ``capping ≤ 0`` disables."""
+  return _capping_scale(rms(m), capping)
+
+
+def _capping_scale(m_rms: jax.Array, capping: jax.Array) -> jax.Array:
   safe_cap = jnp.where(capping > 0, capping, 1.0)
-  return jnp.where(capping > 0, 1.0 / jnp.maximum(1.0, rms(m) / safe_cap), 1.0)
+  return jnp.where(capping > 0, 1.0 / jnp.maximum(1.0, m_rms / safe_cap), 1.0)
+
+
+def capping_scale_each(ms: list[jax.Array], capping: jax.Array) -> jax.Array:
+  """:func:`capping_scale` of pieces, stacked ``(batch,)``."""
+  return _capping_scale(stack([rms(m) for m in ms]), capping)
 
 
 def to_parameter_space(

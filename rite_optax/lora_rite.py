@@ -98,24 +98,14 @@ def _from_compute(view, x, dtype):
   return x.reshape(permuted).transpose(np.argsort(permutation)).astype(dtype)
 
 
-def _stack(per_pair):
-  return per_pair[0] if len(per_pair) == 1 else jnp.concatenate(per_pair, axis=0)
-
-
-def _unstack(stacked, views):
-  """Splits a stack along its batch axis into one piece per factor."""
-  sizes = [view.canonical_shape[0] for view in views]
-  offsets = np.cumsum(sizes)[:-1].tolist()
-  return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
-
-
 class _Side:
   """One role (``a`` or ``b``) of a stack of same-shape adapters.
 
-  Factor-sized arrays of the stack's adapters are concatenated along the batch
-  axis in their stored layout (``rank_major`` for ``lora_b``), so every
-  product below is one batched call; per-adapter state leaves are gathered the
-  same way.
+  Factor-sized arrays stay one piece per factor, in their stored layout
+  (``rank_major`` for ``lora_b``): concatenating them would copy every factor
+  into a temporary, which costs more than the thin products themselves. Their
+  r×r statistics and per-adapter state leaves are stacked along the batch axis,
+  so the small linear algebra of the whole stack is one batched call.
   """
 
   def __init__(self, views, dtype):
@@ -125,11 +115,12 @@ class _Side:
     self.rows = views[0].rows
 
   def gather(self, leaves):
-    return _stack([_to_compute(v, leaves[v.index], self.dtype) for v in self.views])
+    """Factor-shaped leaves -> one ``(batch_i, ...)`` compute-layout piece each."""
+    return [_to_compute(v, leaves[v.index], self.dtype) for v in self.views]
 
   def gather_stats(self, leaves):
     """``(*batch, ...)`` state leaves -> one ``(B, ...)`` stack."""
-    return _stack([
+    return fm.stack([
         leaves[v.index].reshape((v.canonical_shape[0], *leaves[v.index].shape[len(v.batch_axes):]))
         .astype(self.dtype) for v in self.views])
 
@@ -260,12 +251,12 @@ def scale_by_lora_rite(
     # global clipping norm and the finiteness check need all of them first.
     for side in sides:
       side.x, side.grad = side.gather(factors), side.gather(grads)
-      side.gram = fm.gram(side.x, side.rank_major)
+      side.gram = fm.stack([fm.gram(x, side.rank_major) for x in side.x])
+      side.grad_gram = fm.stack([fm.gram(g, side.rank_major) for g in side.grad])
     for side, gram_eigh in zip(sides, fm.eigh_each([s.gram for s in sides]), strict=True):
-      side.basis, side.r_pinv = fm.orthonormal_basis(side.x, gram_eigh, side.rank_major)
+      side.basis, side.r_pinv = fm.orthonormal_bases(side.x, gram_eigh, side.rank_major)
     for side, other in partners:
-      side.gbar = fm.unmagnified_gradient(side.grad, other.r_pinv, side.rank_major)
-      side.gbar_gram = fm.gram(side.gbar, side.rank_major)
+      side.gbar_gram = fm.unmagnified_gram(side.grad_gram, other.r_pinv)
 
     # Skipping, clipping and the finiteness check need only the r×r traces;
     # their scalings are folded into r×r matrices below.
@@ -288,7 +279,9 @@ def scale_by_lora_rite(
       for side, other in partners:
         side.b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, side.dtype)).astype(side.dtype)
         side.b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, side.dtype)).astype(side.dtype)
-        side.transport = fm.basis_transport(other.basis, other.gather(bases), other.rank_major)
+        side.transport = fm.stack([
+            fm.basis_transport(u, u_prev, other.rank_major)
+            for u, u_prev in zip(other.basis, other.gather(bases), strict=True)])
         side.v_old = side.gather_stats(seconds)
         side.v_transported = fm.transported_second_moment(side.v_old, side.transport)
         side.v_new = fm.second_moment(
@@ -310,16 +303,21 @@ def scale_by_lora_rite(
           rho = jnp.zeros(side.v_new.shape[:1], side.dtype)
         inv_root = fm.inverse_root(
             decomposed[i], rho, jnp.asarray(eps, side.dtype), relative_eps) * side.grad_scale
-        m_new = fm.first_moment(
-            side.gather(moments), side.transport,
-            fm.precondition(side.gbar, inv_root, side.rank_major), side.b1_hat, side.rank_major)
-        capped = fm.capping_scale(m_new, jnp.asarray(update_capping, side.dtype))
-        delta = fm.to_parameter_space(
-            m_new, other.r_pinv * capped[:, None, None], side.rank_major)
-        delta = delta + jnp.asarray(weight_decay, side.dtype) * side.x
-        pieces = zip(side.views, _unstack(delta, side.views), _unstack(m_new, side.views),
-                     _unstack(side.basis, side.views), _unstack(side.v_new, side.views),
-                     _unstack(rho, side.views), strict=True)
+        # S = ḡ V^-½ = ∇A (R_B⁺ V^-½): the unmagnified gradient is never formed.
+        precondition = fm.split_like(fm.matmul_small(other.r_pinv, inv_root), side.grad)
+        transport = fm.split_like(side.transport, side.grad)
+        m_new = [
+            fm.first_moment(m, p, fm.precondition(g, k, side.rank_major), side.b1_hat,
+                            side.rank_major)
+            for m, p, g, k in zip(side.gather(moments), transport, side.grad, precondition,
+                                  strict=True)]
+        capped = fm.capping_scale_each(m_new, jnp.asarray(update_capping, side.dtype))
+        to_params = fm.split_like(other.r_pinv * capped[:, None, None], side.grad)
+        wd = jnp.asarray(weight_decay, side.dtype)
+        delta = [fm.to_parameter_space(m, p, side.rank_major) + wd * x
+                 for m, p, x in zip(m_new, to_params, side.x, strict=True)]
+        pieces = zip(side.views, delta, m_new, side.basis, fm.split_like(side.v_new, side.grad),
+                     fm.split_like(rho, side.grad), strict=True)
         for view, d, m, u, v, r in pieces:
           k = view.index
           new_updates[k] = _from_compute(view, d, grads[k].dtype)
