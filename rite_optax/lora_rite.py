@@ -273,66 +273,64 @@ def scale_by_lora_rite(
     for side, k in zip(sides, kept, strict=True):
       side.grad_scale = (k * clip_scale).astype(side.dtype)[:, None, None]
 
-    def apply_step(_):
-      """Phase 2: transport, moments, preconditioning, updates."""
-      count = state.count.astype(dtype)
-      for side, other in partners:
-        side.b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, side.dtype)).astype(side.dtype)
-        side.b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, side.dtype)).astype(side.dtype)
-        side.transport = fm.stack([
-            fm.basis_transport(u, u_prev, other.rank_major)
-            for u, u_prev in zip(other.basis, other.gather(bases), strict=True)])
-        side.v_old = side.gather_stats(seconds)
-        side.v_transported = fm.transported_second_moment(side.v_old, side.transport)
-        side.v_new = fm.second_moment(
-            side.v_transported, side.gbar_gram * jnp.square(side.grad_scale), side.rows,
-            side.b2_hat)
-      to_decompose = [s.v_new for s in sides]
+    # Phase 2: transport, moments, preconditioning, updates. A non-finite step
+    # (NaN/inf in any gradient) must leave the state as it was and return zero
+    # updates: the r×r inputs of eigh are kept finite, and every output is
+    # selected elementwise (a lax.cond would copy every factor-sized output).
+    count = state.count.astype(dtype)
+    for side, other in partners:
+      side.b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, side.dtype)).astype(side.dtype)
+      side.b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, side.dtype)).astype(side.dtype)
+      side.transport = fm.stack([
+          fm.basis_transport(u, u_prev, other.rank_major)
+          for u, u_prev in zip(other.basis, other.gather(bases), strict=True)])
+      side.v_old = side.gather_stats(seconds)
+      side.v_transported = fm.transported_second_moment(side.v_old, side.transport)
+      side.v_new = jnp.where(finite, fm.second_moment(
+          side.v_transported, side.gbar_gram * jnp.square(side.grad_scale), side.rows,
+          side.b2_hat), side.v_old)
+    to_decompose = [s.v_new for s in sides]
+    if apply_escape:
+      to_decompose += [s.v_old for s in sides] + [s.v_transported for s in sides]
+    decomposed = fm.eigh_each(to_decompose)
+    n = len(sides)
+
+    new_updates, new_moments, new_bases = list(grads), list(moments), list(bases)
+    new_seconds, new_escapes = list(seconds), list(escapes)
+    for i, (side, other) in enumerate(partners):
       if apply_escape:
-        to_decompose += [s.v_old for s in sides] + [s.v_transported for s in sides]
-      decomposed = fm.eigh_each(to_decompose)
-      n = len(sides)
-
-      new_updates, new_moments, new_bases = list(grads), list(moments), list(bases)
-      new_seconds, new_escapes = list(seconds), list(escapes)
-      for i, (side, other) in enumerate(partners):
-        if apply_escape:
-          rho = side.b2_hat * (side.gather_stats(escapes) + fm.escaped_mass(
-              side.v_old, side.v_transported, decomposed[n + i][0], decomposed[2 * n + i][0]))
-        else:
-          rho = jnp.zeros(side.v_new.shape[:1], side.dtype)
-        inv_root = fm.inverse_root(
-            decomposed[i], rho, jnp.asarray(eps, side.dtype), relative_eps) * side.grad_scale
-        # S = ḡ V^-½ = ∇A (R_B⁺ V^-½): the unmagnified gradient is never formed.
-        precondition = fm.split_like(fm.matmul_small(other.r_pinv, inv_root), side.grad)
-        transport = fm.split_like(side.transport, side.grad)
-        m_new = [
-            fm.first_moment(m, p, fm.precondition(g, k, side.rank_major), side.b1_hat,
-                            side.rank_major)
-            for m, p, g, k in zip(side.gather(moments), transport, side.grad, precondition,
-                                  strict=True)]
-        capped = fm.capping_scale_each(m_new, jnp.asarray(update_capping, side.dtype))
-        to_params = fm.split_like(other.r_pinv * capped[:, None, None], side.grad)
-        wd = jnp.asarray(weight_decay, side.dtype)
-        delta = [fm.to_parameter_space(m, p, side.rank_major) + wd * x
-                 for m, p, x in zip(m_new, to_params, side.x, strict=True)]
-        pieces = zip(side.views, delta, m_new, side.basis, fm.split_like(side.v_new, side.grad),
-                     fm.split_like(rho, side.grad), strict=True)
-        for view, d, m, u, v, r in pieces:
-          k = view.index
-          new_updates[k] = _from_compute(view, d, grads[k].dtype)
-          new_moments[k] = _from_compute(view, m, moments[k].dtype)
-          new_bases[k] = _from_compute(view, u, bases[k].dtype)
-          new_seconds[k] = v.reshape(seconds[k].shape).astype(seconds[k].dtype)
-          new_escapes[k] = r.reshape(escapes[k].shape).astype(escapes[k].dtype)
-      return new_updates, new_moments, new_bases, new_seconds, new_escapes
-
-    def skip_step(_):
-      """A non-finite step: zero updates, state as it was."""
-      return [jnp.zeros_like(g) for g in grads], moments, bases, seconds, escapes
-
-    new_updates, new_moments, new_bases, new_seconds, new_escapes = jax.lax.cond(
-        finite, apply_step, skip_step, None)
+        rho = side.b2_hat * (side.gather_stats(escapes) + fm.escaped_mass(
+            side.v_old, side.v_transported, decomposed[n + i][0], decomposed[2 * n + i][0]))
+      else:
+        rho = jnp.zeros(side.v_new.shape[:1], side.dtype)
+      inv_root = fm.inverse_root(
+          decomposed[i], rho, jnp.asarray(eps, side.dtype), relative_eps) * side.grad_scale
+      # S = ḡ V^-½ = ∇A (R_B⁺ V^-½): the unmagnified gradient is never formed.
+      precondition = fm.split_like(fm.matmul_small(other.r_pinv, inv_root), side.grad)
+      transport = fm.split_like(side.transport, side.grad)
+      m_old = side.gather(moments)
+      m_new = [
+          fm.first_moment(m, p, fm.precondition(g, k, side.rank_major), side.b1_hat,
+                          side.rank_major)
+          for m, p, g, k in zip(m_old, transport, side.grad, precondition, strict=True)]
+      capped = fm.capping_scale_each(m_new, jnp.asarray(update_capping, side.dtype))
+      to_params = fm.split_like(other.r_pinv * capped[:, None, None], side.grad)
+      wd = jnp.asarray(weight_decay, side.dtype)
+      delta = [jnp.where(finite, fm.to_parameter_space(m, p, side.rank_major) + wd * x, 0.0)
+               for m, p, x in zip(m_new, to_params, side.x, strict=True)]
+      m_new = [jnp.where(finite, m, old) for m, old in zip(m_new, m_old, strict=True)]
+      basis = [jnp.where(finite, u, old)
+               for u, old in zip(side.basis, side.gather(bases), strict=True)]
+      rho = jnp.where(finite, rho, side.gather_stats(escapes))
+      pieces = zip(side.views, delta, m_new, basis, fm.split_like(side.v_new, side.grad),
+                   fm.split_like(rho, side.grad), strict=True)
+      for view, d, m, u, v, r in pieces:
+        k = view.index
+        new_updates[k] = _from_compute(view, d, grads[k].dtype)
+        new_moments[k] = _from_compute(view, m, moments[k].dtype)
+        new_bases[k] = _from_compute(view, u, bases[k].dtype)
+        new_seconds[k] = v.reshape(seconds[k].shape).astype(seconds[k].dtype)
+        new_escapes[k] = r.reshape(escapes[k].shape).astype(escapes[k].dtype)
 
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
     return unflatten(new_updates), ScaleByLoraRiteState(
