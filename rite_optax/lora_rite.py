@@ -257,19 +257,13 @@ def scale_by_lora_rite(
       side.basis, side.r_pinv = fm.orthonormal_bases(side.x, gram_eigh, side.rank_major)
     for side, other in partners:
       side.gbar_gram = fm.unmagnified_gram(side.grad_gram, other.r_pinv)
-      side.transport = fm.stack([
-          fm.basis_transport(u, u_prev, other.rank_major)
-          for u, u_prev in zip(other.basis, other.gather(bases), strict=True)])
 
     # Skipping, clipping and the finiteness check need only the r×r traces;
     # their scalings are folded into r×r matrices below.
     dtype = jnp.result_type(*(s.dtype for s in sides)) if sides else jnp.float32
     total = lambda xs: sum((jnp.sum(x).astype(dtype) for x in xs), start=jnp.zeros([], dtype))
     squared = [fm.squared_norm(s.gbar_gram) for s in sides]
-    # The transports join the check (they are finite for finite params) so that
-    # every output depends on them: the new bases may then overwrite the donated
-    # old ones in place, which the transports read.
-    finite = jnp.isfinite(total(squared)) & jnp.isfinite(total(s.transport for s in sides))
+    finite = jnp.isfinite(total(squared))
     kept = [fm.kept_by_skipping(sq, s.rows * s.gram.shape[-1], update_skipping)
             for sq, s in zip(squared, sides, strict=True)]
     grad_norm = jnp.sqrt(total(k * sq for k, sq in zip(kept, squared, strict=True)))
@@ -284,9 +278,12 @@ def scale_by_lora_rite(
     # updates: the r×r inputs of eigh are kept finite, and every output is
     # selected elementwise (a lax.cond would copy every factor-sized output).
     count = state.count.astype(dtype)
-    for side in sides:
+    for side, other in partners:
       side.b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, side.dtype)).astype(side.dtype)
       side.b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, side.dtype)).astype(side.dtype)
+      side.transport = fm.stack([
+          fm.basis_transport(u, u_prev, other.rank_major)
+          for u, u_prev in zip(other.basis, other.gather(bases), strict=True)])
       side.v_old = side.gather_stats(seconds)
       side.v_transported = fm.transported_second_moment(side.v_old, side.transport)
       side.v_new = jnp.where(finite, fm.second_moment(
