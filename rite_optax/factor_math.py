@@ -56,6 +56,15 @@ def gram(x: jax.Array, rank_major: bool = False) -> jax.Array:
   return symmetrize(cross_gram(x, x, rank_major))
 
 
+def grams(xs: list[jax.Array], rank_major: bool = False) -> jax.Array:
+  """:func:`gram` of each piece, stacked ``(batch, r, r)``.
+
+  Symmetrized once on the stack: per piece it would cost one more small kernel
+  per factor, and XLA's compile time grows faster than linearly with their count.
+  """
+  return symmetrize(stack([cross_gram(x, x, rank_major) for x in xs]))
+
+
 def cross_gram(x: jax.Array, y: jax.Array, rank_major: bool = False) -> jax.Array:
   """Xᵀ Y, ``(batch, r, r)``, for thin X and Y in the same layout."""
   return _mm('brn,bsn->brs' if rank_major else 'bnr,bns->brs', x, y)
@@ -190,7 +199,7 @@ def orthonormal_bases(
   """
   r1_pinv, keep = gram_pseudo_inverse(gram_eigh, xs[0].dtype)
   u1 = [matmul(x, p, rank_major) for x, p in zip(xs, split_like(r1_pinv, xs), strict=True)]
-  y = orthonormality_correction(stack([gram(u, rank_major) for u in u1]), keep)
+  y = orthonormality_correction(grams(u1, rank_major), keep)
   bases = [matmul(u, p, rank_major) for u, p in zip(u1, split_like(y, xs), strict=True)]
   return bases, matmul_small(r1_pinv, y)
 

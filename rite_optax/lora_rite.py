@@ -208,6 +208,7 @@ def scale_by_lora_rite(
   _check_bool('relative_eps', relative_eps)
   _check_bool('apply_escape', apply_escape)
   pairing = pairing_lib.resolve(pairing)
+  capping_off = isinstance(update_capping, numbers.Real) and update_capping <= 0
 
   def init_fn(params):
     paired = _paired_or_raise(params, pairing)
@@ -251,8 +252,8 @@ def scale_by_lora_rite(
     # global clipping norm and the finiteness check need all of them first.
     for side in sides:
       side.x, side.grad = side.gather(factors), side.gather(grads)
-      side.gram = fm.stack([fm.gram(x, side.rank_major) for x in side.x])
-      side.grad_gram = fm.stack([fm.gram(g, side.rank_major) for g in side.grad])
+      side.gram = fm.grams(side.x, side.rank_major)
+      side.grad_gram = fm.grams(side.grad, side.rank_major)
     for side, gram_eigh in zip(sides, fm.eigh_each([s.gram for s in sides]), strict=True):
       side.basis, side.r_pinv = fm.orthonormal_bases(side.x, gram_eigh, side.rank_major)
     for side, other in partners:
@@ -313,7 +314,10 @@ def scale_by_lora_rite(
           fm.first_moment(m, p, fm.precondition(g, k, side.rank_major), side.b1_hat,
                           side.rank_major)
           for m, p, g, k in zip(m_old, transport, side.grad, precondition, strict=True)]
-      capped = fm.capping_scale_each(m_new, jnp.asarray(update_capping, side.dtype))
+      if capping_off:  # no pass over M for its RMS
+        capped = jnp.ones(side.v_new.shape[:1], side.dtype)
+      else:
+        capped = fm.capping_scale_each(m_new, jnp.asarray(update_capping, side.dtype))
       to_params = fm.split_like(other.r_pinv * capped[:, None, None], side.grad)
       wd = jnp.asarray(weight_decay, side.dtype)
       delta = [jnp.where(finite, fm.to_parameter_space(m, p, side.rank_major) + wd * x, 0.0)
