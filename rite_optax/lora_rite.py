@@ -282,9 +282,13 @@ def scale_by_lora_rite(
     for side, other in partners:
       side.b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, side.dtype)).astype(side.dtype)
       side.b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, side.dtype)).astype(side.dtype)
-      side.transport = fm.stack([
-          fm.basis_transport(u, u_prev, other.rank_major)
-          for u, u_prev in zip(other.basis, other.gather(bases), strict=True)])
+      transports = [fm.basis_transport(u, u_prev, other.rank_major)
+                    for u, u_prev in zip(other.basis, other.gather(bases), strict=True)]
+      side.transport = fm.stack(transports)
+      # Selecting the new basis only where its transport is finite (always, for
+      # finite params) orders that read of the old basis before the write of the
+      # new one, so the new basis overwrites the donated old one in place.
+      other.transport_finite = [jnp.isfinite(p[..., :1, :1]) for p in transports]
       side.v_old = side.gather_stats(seconds)
       side.v_transported = fm.transported_second_moment(side.v_old, side.transport)
       side.v_new = jnp.where(finite, fm.second_moment(
@@ -323,8 +327,8 @@ def scale_by_lora_rite(
       delta = [jnp.where(finite, fm.to_parameter_space(m, p, side.rank_major) + wd * x, 0.0)
                for m, p, x in zip(m_new, to_params, side.x, strict=True)]
       m_new = [jnp.where(finite, m, old) for m, old in zip(m_new, m_old, strict=True)]
-      basis = [jnp.where(finite, u, old)
-               for u, old in zip(side.basis, side.gather(bases), strict=True)]
+      basis = [jnp.where(finite & ok, u, old) for u, old, ok in zip(
+          side.basis, side.gather(bases), side.transport_finite, strict=True)]
       rho = jnp.where(finite, rho, side.gather_stats(escapes))
       pieces = zip(side.views, delta, m_new, basis, fm.split_like(side.v_new, side.grad),
                    fm.split_like(rho, side.grad), strict=True)
