@@ -3,6 +3,10 @@
     python benchmarks/step_time.py                 # every workload below
     python benchmarks/step_time.py --workloads xxl_attn_r16 --steps 20
 
+Every workload but ``*_scanned`` has one leaf pair per adapter (unscanned
+layers, as in T5X/flaxformer); ``*_scanned`` stacks the layers on a leading
+axis (``nn.scan``/``nnx.scan``), the same adapters in a dozen leaves.
+
 For each workload, both optimizers run in this process on the same params:
 one jitted step (``tx.update`` + ``optax.apply_updates`` over the whole tree,
 params and state donated), ``--warmup`` untimed steps, then the median (and
@@ -39,14 +43,23 @@ class Workload:
   layers: int  # per stack (encoder and decoder)
   rank: int
   mlp: bool
+  scanned: bool = False  # layers stacked on a leading axis (one leaf per projection)
+
+  def layer_shapes(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(in, out) of the adapted projections of one encoder and one decoder layer."""
+    attn = [(self.d_model, self.d_attn)] * 3 + [(self.d_attn, self.d_model)]  # q k v o
+    mlp = [(self.d_model, self.d_ff)] * 2 + [(self.d_ff, self.d_model)]  # wi_0 wi_1 wo
+    encoder = attn + (mlp if self.mlp else [])
+    decoder = attn + attn + (mlp if self.mlp else [])  # self + cross attention
+    return encoder, decoder
 
   def shapes(self) -> list[tuple[int, int]]:
     """(in, out) of every adapted projection."""
-    attn = [(self.d_model, self.d_attn)] * 3 + [(self.d_attn, self.d_model)]  # q k v o
-    mlp = [(self.d_model, self.d_ff)] * 2 + [(self.d_ff, self.d_model)]  # wi_0 wi_1 wo
-    per_encoder_layer = attn + (mlp if self.mlp else [])
-    per_decoder_layer = attn + attn + (mlp if self.mlp else [])  # self + cross attention
-    return per_encoder_layer * self.layers + per_decoder_layer * self.layers
+    encoder, decoder = self.layer_shapes()
+    return encoder * self.layers + decoder * self.layers
+
+  def pairing(self) -> rite_optax.Pairing:
+    return rite_optax.nnx(batch_axes=(0,) if self.scanned else ())
 
 
 MT5_XXL = dict(d_model=4096, d_attn=4096, d_ff=10240, layers=24)
@@ -57,18 +70,28 @@ WORKLOADS = {
     'xxl_attn_r64': Workload(**MT5_XXL, rank=64, mlp=False),
     'xxl_attn_mlp_r16': Workload(**MT5_XXL, rank=16, mlp=True),
     'base_attn_mlp_r16': Workload(**MT5_BASE, rank=16, mlp=True),
+    'xxl_attn_r16_scanned': Workload(**MT5_XXL, rank=16, mlp=False, scanned=True),
 }
 
 
 def make_params(workload: Workload, seed: int = 0):
-  """LoRA factors in the nnx layout, both non-zero (a mid-training state)."""
+  """LoRA factors in the nnx layout, both non-zero (a mid-training state).
+
+  One leaf pair per projection, or, for ``scanned`` workloads, one per
+  projection of a layer with the layers stacked on a leading axis.
+  """
   key = jax.random.PRNGKey(seed)
+  if workload.scanned:
+    encoder, decoder = workload.layer_shapes()
+    shapes, batch = encoder + decoder, (workload.layers,)
+  else:
+    shapes, batch = workload.shapes(), ()
   params = {}
-  for i, (d_in, d_out) in enumerate(workload.shapes()):
+  for i, (d_in, d_out) in enumerate(shapes):
     ka, kb = jax.random.split(jax.random.fold_in(key, i))
     params[f'proj_{i:03d}'] = {
-        'lora_a': jax.random.normal(ka, (d_in, workload.rank)) / np.sqrt(d_in),
-        'lora_b': jax.random.normal(kb, (workload.rank, d_out)) * 1e-2,
+        'lora_a': jax.random.normal(ka, (*batch, d_in, workload.rank)) / np.sqrt(d_in),
+        'lora_b': jax.random.normal(kb, (*batch, workload.rank, d_out)) * 1e-2,
     }
   return params
 
@@ -123,7 +146,8 @@ def main(argv=None) -> None:
     params = make_params(workload)
     grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
     adam = time_optimizer(optax.adam(1e-3), params, grads, args.warmup, args.steps)
-    rite = time_optimizer(rite_optax.lora_rite(1e-3), params, grads, args.warmup, args.steps)
+    rite = time_optimizer(rite_optax.lora_rite(1e-3, pairing=workload.pairing()), params, grads,
+                          args.warmup, args.steps)
     for label, r in (('optax.adam', adam), ('lora_rite', rite)):
       print(f'| {name} | {len(workload.shapes())} | {label} | {r["median"]:.1f} | {r["min"]:.1f} |'
             f' {r["max"]:.1f} | {r["median"] / adam["median"]:.2f} | {r["state_bytes"] / 2**20:.1f} |'

@@ -4,7 +4,9 @@ import importlib.util
 import pathlib
 import sys
 
+import jax
 import optax
+import pytest
 
 import rite_optax
 
@@ -26,12 +28,23 @@ def test_mt5_workloads_have_the_documented_adapter_counts():
   assert len(w['base_attn_mlp_r16'].shapes()) == 12 * 4 + 12 * 8 + 24 * 3
 
 
-def test_timing_a_tiny_workload():
-  tiny = step_time.Workload(d_model=16, d_attn=16, d_ff=32, layers=1, rank=2, mlp=True)
+def test_scanned_workload_holds_the_same_adapters_in_stacked_leaves():
+  scanned = step_time.WORKLOADS['xxl_attn_r16_scanned']
+  params = jax.eval_shape(lambda: step_time.make_params(scanned))
+  paired = rite_optax.pair_leaves(params, scanned.pairing())
+  assert not paired.unpaired and len(paired.pairs) == 4 + 8
+  assert sum(p.a.canonical_shape[0] for p in paired.pairs) == len(scanned.shapes()) == 288
+
+
+@pytest.mark.parametrize('scanned', [False, True])
+def test_timing_a_tiny_workload(scanned):
+  tiny = step_time.Workload(d_model=16, d_attn=16, d_ff=32, layers=2, rank=2, mlp=True,
+                            scanned=scanned)
   params = step_time.make_params(tiny)
   grads = optax.tree.zeros_like(params)
   adam = step_time.time_optimizer(optax.adam(1e-3), params, grads, warmup=1, steps=3)
-  rite = step_time.time_optimizer(rite_optax.lora_rite(1e-3), params, grads, warmup=1, steps=3)
+  rite = step_time.time_optimizer(
+      rite_optax.lora_rite(1e-3, pairing=tiny.pairing()), params, grads, warmup=1, steps=3)
   assert 0 < adam['min'] <= adam['median'] <= adam['max']
   assert 0 < rite['min'] <= rite['median'] <= rite['max']
   # First moment + basis per factor, plus r×r and per-adapter scalars.
