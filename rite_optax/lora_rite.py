@@ -252,6 +252,7 @@ def scale_by_lora_rite(
     # global clipping norm and the finiteness check need all of them first.
     for side in sides:
       side.x, side.grad = side.gather(factors), side.gather(grads)
+      side.basis_prev = side.gather(bases)
       side.gram = fm.grams(side.x, side.rank_major)
       side.grad_gram = fm.grams(side.grad, side.rank_major)
     for side, gram_eigh in zip(sides, fm.eigh_each([s.gram for s in sides]), strict=True):
@@ -282,13 +283,9 @@ def scale_by_lora_rite(
     for side, other in partners:
       side.b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, side.dtype)).astype(side.dtype)
       side.b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, side.dtype)).astype(side.dtype)
-      transports = [fm.basis_transport(u, u_prev, other.rank_major)
-                    for u, u_prev in zip(other.basis, other.gather(bases), strict=True)]
-      side.transport = fm.stack(transports)
-      # Selecting the new basis only where its transport is finite (always, for
-      # finite params) orders that read of the old basis before the write of the
-      # new one, so the new basis overwrites the donated old one in place.
-      other.transport_finite = [jnp.isfinite(p[..., :1, :1]) for p in transports]
+      side.transport = fm.stack([
+          fm.basis_transport(u, u_prev, other.rank_major)
+          for u, u_prev in zip(other.basis, other.basis_prev, strict=True)])
       side.v_old = side.gather_stats(seconds)
       side.v_transported = fm.transported_second_moment(side.v_old, side.transport)
       side.v_new = jnp.where(finite, fm.second_moment(
@@ -303,8 +300,9 @@ def scale_by_lora_rite(
     new_updates, new_moments, new_bases = list(grads), list(moments), list(bases)
     new_seconds, new_escapes = list(seconds), list(escapes)
     for i, (side, other) in enumerate(partners):
+      rho_old = side.gather_stats(escapes)
       if apply_escape:
-        rho = side.b2_hat * (side.gather_stats(escapes) + fm.escaped_mass(
+        rho = side.b2_hat * (rho_old + fm.escaped_mass(
             side.v_old, side.v_transported, decomposed[n + i][0], decomposed[2 * n + i][0]))
       else:
         rho = jnp.zeros(side.v_new.shape[:1], side.dtype)
@@ -327,9 +325,13 @@ def scale_by_lora_rite(
       delta = [jnp.where(finite, fm.to_parameter_space(m, p, side.rank_major) + wd * x, 0.0)
                for m, p, x in zip(m_new, to_params, side.x, strict=True)]
       m_new = [jnp.where(finite, m, old) for m, old in zip(m_new, m_old, strict=True)]
-      basis = [jnp.where(finite & ok, u, old) for u, old, ok in zip(
-          side.basis, side.gather(bases), side.transport_finite, strict=True)]
-      rho = jnp.where(finite, rho, side.gather_stats(escapes))
+      # Each new basis is kept only where the transport that read its old one is
+      # finite (always, for finite params): that orders the read before the
+      # write, so the new basis overwrites the donated old one in place.
+      read_old = fm.split_like(other.transport, side.grad)
+      basis = [jnp.where(finite & jnp.isfinite(p[..., :1, :1]), u, old)
+               for u, old, p in zip(side.basis, side.basis_prev, read_old, strict=True)]
+      rho = jnp.where(finite, rho, rho_old)
       pieces = zip(side.views, delta, m_new, basis, fm.split_like(side.v_new, side.grad),
                    fm.split_like(rho, side.grad), strict=True)
       for view, d, m, u, v, r in pieces:
