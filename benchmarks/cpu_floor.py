@@ -100,7 +100,7 @@ def fused_pass_times(binary: pathlib.Path, rows: list[int], reps: int) -> dict[s
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workload', default='xxl_attn_r16', choices=list(step_time.WORKLOADS))
-  parser.add_argument('--steps', type=int, default=10, help='timed repetitions (median reported)')
+  parser.add_argument('--steps', type=int, default=10, help='timed repetitions (median; the fastest for the matmul peak and eigh)')
   args = parser.parse_args(argv)
 
   workload = step_time.WORKLOADS[args.workload]
