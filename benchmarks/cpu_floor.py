@@ -25,6 +25,7 @@ be faster on this machine without a cheaper algorithm.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import pathlib
@@ -89,10 +90,9 @@ def build_fused(rank: int, directory: str) -> tuple[pathlib.Path | None, str]:
 
 
 def fused_pass_times(binary: pathlib.Path, rows: list[int], reps: int) -> dict[str, list[float]]:
-  counts: dict[int, int] = {}
-  for n in rows:
-    counts[n] = counts.get(n, 0) + 1
-  out = subprocess.run([str(binary), 'bench', str(reps)] + [f'{n}:{c}' for n, c in counts.items()],
+  """Per-pass times (ms) of ``reps`` repetitions over factors of the given row counts."""
+  groups = [f'{n}:{count}' for n, count in collections.Counter(rows).items()]
+  out = subprocess.run([str(binary), 'bench', str(reps), *groups],
                        check=True, capture_output=True, text=True).stdout
   return json.loads(out)
 

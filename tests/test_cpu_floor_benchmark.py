@@ -1,27 +1,14 @@
 """benchmarks/cpu_floor.py: its hand-fused passes compute the step's products it claims to time."""
 
-import importlib.util
 import json
-import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-_BENCHMARKS = pathlib.Path(__file__).parents[1] / 'benchmarks'
+from tests.helpers import load_benchmark
 
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-step_time = _load('step_time')
-cpu_floor = _load('cpu_floor')
+cpu_floor = load_benchmark('cpu_floor')
 
 
 @pytest.fixture(scope='module', params=[4, 16])

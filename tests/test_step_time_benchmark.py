@@ -1,20 +1,13 @@
 """benchmarks/step_time.py defines the workloads it claims and its timing path runs."""
 
-import importlib.util
-import pathlib
-import sys
-
 import jax
 import optax
 import pytest
 
 import rite_optax
+from tests.helpers import load_benchmark
 
-_PATH = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'step_time.py'
-_spec = importlib.util.spec_from_file_location('step_time', _PATH)
-step_time = importlib.util.module_from_spec(_spec)
-sys.modules['step_time'] = step_time  # dataclasses look their module up
-_spec.loader.exec_module(step_time)
+step_time = load_benchmark('step_time')
 
 
 def test_mt5_workloads_have_the_documented_adapter_counts():
