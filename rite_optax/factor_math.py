@@ -5,7 +5,7 @@ r×r statistics ``(batch, r, r)`` and per-adapter scalars ``(batch,)``; the batc
 axis holds independent adapters (scanned layers, experts, or pairs of equal shape
 stacked together so that many tiny r×r problems run as one batched call).
 
-Names follow the paper and ``ALGORITHM.md``: the *unmagnified gradient*
+Names follow the paper and ``docs/algorithm.md`` §3 (steps 1–12): the *unmagnified gradient*
 ``ḡ_A = ∇A R_B⁺`` is the gradient seen in an orthonormal basis of the other
 factor, *basis transport* ``P = U_Bᵀ U_B,prev`` carries the moments from the last
 step's basis into this one, and the *escaped mass* is the second-moment mass that
@@ -180,8 +180,8 @@ def orthonormal_bases(
   """Orthonormal bases U of the columns of each x and R⁺ with ``x = U R``.
 
   Matmul-only given the eigendecomposition of the Gram matrices ``xᵀx``, so on a
-  mesh only r×r matrices cross devices (ALGORITHM.md §4: any orthonormal basis
-  gives the same update): ``U₁ = x R₁⁺`` (:func:`gram_pseudo_inverse`), then
+  mesh only r×r matrices cross devices (docs/algorithm.md §4a: any orthonormal
+  basis gives the same update): ``U₁ = x R₁⁺`` (:func:`gram_pseudo_inverse`), then
   ``U = U₁ Y`` (:func:`orthonormality_correction`) and ``R⁺ = R₁⁺ Y``.
 
   Thin arrays stay separate pieces (each factor's own buffer: stacking them

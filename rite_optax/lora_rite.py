@@ -186,7 +186,7 @@ def scale_by_lora_rite(
     update_capping: cap the RMS of each first moment at this value before it is
       applied; ``<= 0`` disables.
     weight_decay: adds ``weight_decay·factor`` to each factor's update, outside
-      the preconditioner (ALGORITHM.md §2 step 11).
+      the preconditioner (docs/algorithm.md step 11).
     apply_escape: add the paper's escaped mass to the second moment's
       eigenvalues.
     pairing: a preset name (``'nnx'``) or a :class:`rite_optax.Pairing`.

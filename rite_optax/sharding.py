@@ -15,7 +15,7 @@ interpreted, so logical axis names (T5X/flax ``nn.partitioning``) work the same
 as mesh axis names.
 
 On a mesh the update needs no factor-sized communication because each basis
-comes from the eigh of the factor's r×r Gram matrix (ALGORITHM.md §4): a
+comes from the eigh of the factor's r×r Gram matrix (docs/algorithm.md §4a): a
 row-sharded factor contributes a partial Gram, and only that r×r all-reduce
 crosses devices. Householder QR does not partition: XLA all-gathers the whole
 factor first (measured on 8 CPU devices: ``jnp.linalg.qr`` of a row-sharded

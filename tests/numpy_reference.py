@@ -1,4 +1,4 @@
-"""An independent float64 NumPy LoRA-RITE, written line by line from ALGORITHM.md §2.
+"""An independent float64 NumPy LoRA-RITE, written line by line from docs/algorithm.md §3 (steps 1–12).
 
 Deliberately different from rite_optax's implementation: one adapter at a time,
 Householder QR (``np.linalg.qr``) and ``np.linalg.pinv`` for the basis, plain
@@ -124,7 +124,7 @@ def step(factors, grads, states, t, o: Options):
       delta = m_used @ r_other_pinv.T + o.weight_decay * x  # step 11
       sides.append((x - o.lr * delta, SideState(m_new, v_new, rho, q_own)))
     (a_new, sa_new), (b_new, sb_new) = sides
-    if o.balance_factors:  # step 12, for adapters that moved (README: decisions)
+    if o.balance_factors:  # step 12, for adapters that moved (docs/algorithm.md step 12)
       na, nb = np.linalg.norm(a_new), np.linalg.norm(b_new)
       moved = np.any(a_new != a) or np.any(b_new != b)
       if moved and na > 0 and nb > 0:

@@ -1,4 +1,4 @@
-"""The per-side building blocks of factor_math (ALGORITHM.md §2 and §4)."""
+"""The per-side building blocks of factor_math (docs/algorithm.md §3 and §4a)."""
 
 import hypothesis
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ def test_zero_and_rank_deficient_factors_use_the_pseudo_inverse():
 @hypothesis.settings(max_examples=10, deadline=None, derandomize=True)
 @hypothesis.given(rows=st.integers(4, 40), r=st.integers(1, 6), seed=st.integers(0, 100))
 def test_any_orthonormal_basis_gives_the_same_update(rows, r, seed):
-  """ALGORITHM.md §4: U → U O changes ḡ, V, M by O and leaves Δ unchanged."""
+  """docs/algorithm.md §4a: U → U O changes ḡ, V, M by O and leaves Δ unchanged."""
   r = min(r, rows)
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((1, rows, r)))

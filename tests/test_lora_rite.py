@@ -1,4 +1,4 @@
-"""LoRA-RITE against its contract (ALGORITHM.md §4): reference, invariance, edge cases."""
+"""LoRA-RITE against its contract (docs/algorithm.md §4 and §7): reference, invariance, edge cases."""
 
 import itertools
 

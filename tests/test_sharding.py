@@ -115,8 +115,8 @@ def z_space(state):
   """The state as seen in Z-space, free of the orthonormal basis' gauge.
 
   Bases from the eigh of an r×r Gram matrix are unique only up to an r×r
-  rotation that float32 rounding moves (ALGORITHM.md §4: any basis gives the
-  same updates), so moments are compared as ``M_A U_Bᵀ`` and ``U_B V_A U_Bᵀ``,
+  rotation that float32 rounding moves (docs/algorithm.md: any orthonormal basis
+  gives the same updates), so moments are compared as ``M_A U_Bᵀ`` and ``U_B V_A U_Bᵀ``,
   which are basis-free, as are ``count``, ``skipped`` and ``ρ``.
   """
   rite = rite_state(state)
@@ -133,10 +133,33 @@ def z_space(state):
   return out
 
 
-def assert_trees_close(actual, expected, rtol):
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+def relative_errors(actual, exact):
+  """‖actual − exact‖ / ‖exact‖ per leaf (absolute where the exact leaf is 0)."""
+  errors = []
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(exact), strict=True):
     a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    np.testing.assert_array_less(np.linalg.norm(a - e), rtol * max(np.linalg.norm(e), 1.0))
+    scale = np.linalg.norm(e)
+    errors.append(np.linalg.norm(a - e) / (scale if scale > 0 else 1.0))
+  return np.array(errors)
+
+
+def assert_rounding_level(actual, baseline, exact, steps, factor=4.0):
+  """``actual`` is as close to exact arithmetic as ``baseline`` is, up to ``factor``.
+
+  ``actual`` and ``baseline`` are float32 runs of the same computation with
+  different reduction orders (sharded vs one device, pmean vs a vmapped mean);
+  ``exact`` is the same run in float64 from the same float32 inputs. Two float32
+  trajectories through ``steps`` eigendecompositions cannot promise a fixed
+  relative agreement (each is a different rounding of the exact trajectory, and
+  the problem amplifies rounding), so each leaf of ``actual`` may be off the
+  exact run by ``factor`` times the larger of the baseline's error and
+  ``steps·eps₃₂``, a per-step rounding floor. A sharding bug (a partial sum where
+  an all-reduce belongs, a shard read as the whole) is an O(1) error.
+  """
+  floor = steps * np.finfo(np.float32).eps
+  allowed = factor * np.maximum(relative_errors(baseline, exact), floor)
+  errors = relative_errors(actual, exact)
+  assert np.all(errors <= allowed), (errors, allowed)
 
 
 MESHES = {
@@ -145,10 +168,18 @@ MESHES = {
 }
 
 
+def as_float64(tree):
+  """Floating leaves in float64 (same values); counters stay integers."""
+  return jax.tree.map(
+      lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 @pytest.fixture(scope='module')
 def unsharded():
+  """The float32 run on one device and the same run in float64 (exact enough)."""
   params, targets = problem()
-  return run(params, targets, STEPS)
+  exact = run(as_float64(params), as_float64(targets), STEPS)
+  return run(params, targets, STEPS), exact
 
 
 @pytest.mark.parametrize('which', sorted(MESHES))
@@ -163,9 +194,12 @@ def test_sharded_run_equals_unsharded_and_keeps_predicted_shardings(which, unsha
   sharded_params, sharded_state = run(params, targets, STEPS, mesh, specs)
   initial_types = jax.tree.map(jax.typeof, jax.jit(tx.init, out_shardings=predicted)(params))
 
-  assert_trees_close(sharded_params, unsharded[0], rtol=1e-6)
-  assert_trees_close(z_space(sharded_state), z_space(unsharded[1]), rtol=1e-6)
-  assert_trees_close(sharded_state, unsharded[1], rtol=1e-4)
+  (baseline_params, baseline_state), (exact_params, exact_state) = unsharded
+  assert_rounding_level(sharded_params, baseline_params, exact_params, STEPS)
+  # The raw bases are an eigh gauge that rounding may rotate: the state is
+  # compared in Z-space, which holds every field but that gauge.
+  assert_rounding_level(z_space(sharded_state), z_space(baseline_state), z_space(exact_state),
+                        STEPS)
   for leaf, expected in zip(jax.tree.leaves(sharded_state), jax.tree.leaves(predicted),
                             strict=True):
     assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), (leaf.sharding, expected)
