@@ -294,10 +294,11 @@ def inverse_root(
   """
   lam, q = v_eigh
   lam = jnp.maximum(lam, 0.0)
+  lam_max = jnp.max(lam, axis=-1, keepdims=True)
   if relative_eps:
-    lam_max = jnp.max(lam, axis=-1, keepdims=True)
     eps = jnp.where(lam_max > 0, eps * jnp.sqrt(lam_max), eps)
-  scale = 1.0 / (jnp.sqrt(lam + rho[:, None]) + eps)
+  null = lam <= lam.shape[-1] * jnp.finfo(lam.dtype).eps * lam_max
+  scale = jnp.where(null, 0.0, 1.0 / (jnp.sqrt(lam + rho[:, None]) + eps))
   return symmetrize(_mm('brs,bs,bts->brt', q, scale, q))
 
 
