@@ -10,6 +10,7 @@ from rite_optax.baselines import (
 from rite_optax.lora_rite import (
     ScaleByLoraRiteState,
     balance_lora_factors,
+    diagnostics,
     factor_labels,
     lora_rite,
     scale_by_lora_rite,
@@ -38,6 +39,7 @@ __all__ = [
     'abstract_state',
     'balance_lora_factors',
     'describe',
+    'diagnostics',
     'factor_labels',
     'lora_plus',
     'gemma_peft',

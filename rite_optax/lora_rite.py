@@ -9,6 +9,7 @@ scatters the results back into params-structured updates and state.
 from __future__ import annotations
 
 import collections
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -38,17 +39,42 @@ class ScaleByLoraRiteState(NamedTuple):
   """``(*batch, r, r)``: V, the second moment of the unmagnified gradient."""
   escaped_mass: optax.Updates
   """``(*batch,)``: ρ, the escaped mass (zeros unless ``apply_escape``)."""
+  skipped_factors: jax.Array
+  """``[]`` int32: factors whose unmagnified gradient update skipping zeroed in
+  the last applied step (docs/algorithm.md step 3)."""
+  skipped_factors_total: jax.Array
+  """``[]`` int32: the same, summed over every applied step."""
+  grad_norm: jax.Array
+  """``[]`` compute dtype: the global norm of the kept unmagnified gradients in
+  the last applied step, before clipping (step 4)."""
+  clip_scale: jax.Array
+  """``[]`` compute dtype: the factor clipping applied in the last applied step
+  (1 when the norm was within ``clip_unmagnified_grad``)."""
 
 
 def _check_number(name: str, value: Any, low: float, high: float | None = None):
-  """Validates Python numbers; arrays (``inject_hyperparams``) pass through."""
+  """Validates Python numbers: finite and in range. Arrays (``inject_hyperparams``)
+  pass through, as their values may be traced."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     if isinstance(value, (jax.Array, jnp.ndarray)) or hasattr(value, 'dtype'):
       return
     raise TypeError(f'{name} must be a real number, got {value!r}.')
+  if not math.isfinite(value):
+    raise ValueError(f'{name} must be finite, got {value!r}.')
   if value < low or (high is not None and value >= high):
     bounds = f'[{low}, {high})' if high is not None else f'>= {low}'
     raise ValueError(f'{name} must be in {bounds}, got {value!r}.')
+
+
+def _check_learning_rate(name: str, value: Any):
+  """A learning rate is a finite number, an array, or a schedule (a callable)."""
+  if callable(value):
+    return
+  if value is None or isinstance(value, (str, bytes)):
+    raise TypeError(
+        f'{name} must be a number or an optax schedule (a callable of the step),'
+        f' got {value!r}.')
+  _check_number(name, value, -float('inf'))
 
 
 def _check_bool(name: str, value: Any):
@@ -125,6 +151,11 @@ class _Side:
         .astype(self.dtype) for v in self.views])
 
 
+def _state_dtype(pairs) -> jnp.dtype:
+  """The dtype of the state's scalar diagnostics: the widest compute dtype."""
+  return jnp.result_type(jnp.float32, *(fm.compute_dtype(p.a.dtype) for p in pairs))
+
+
 def _stacks(pairs):
   """Adapters whose two factors have equal compute shapes, layouts and dtype."""
   groups = collections.defaultdict(list)
@@ -177,7 +208,9 @@ def scale_by_lora_rite(
   Args:
     b1: first-moment decay (bias-corrected as in Adafactor).
     b2: second-moment decay (bias-corrected as in Adafactor).
-    eps: added to the root of the second moment's eigenvalues.
+    eps: added to the root of the second moment's eigenvalues. ``0`` is safe:
+      eigen-directions of the second moment at rounding level (λ ≤ r·eps·λ_max
+      of its dtype) get no step whatever ``eps`` is (docs/algorithm.md §6.5).
     relative_eps: scale ``eps`` by ``sqrt(λ_max)`` of each second moment.
     clip_unmagnified_grad: clip the global norm of all unmagnified gradients to
       this value; ``<= 0`` disables.
@@ -222,6 +255,7 @@ def scale_by_lora_rite(
         seconds[view.index] = jnp.zeros(view.state_shape(view.rank, view.rank), dtype)
         escapes[view.index] = jnp.zeros(view.state_shape(), dtype)
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    dtype = _state_dtype(paired.pairs)
     return ScaleByLoraRiteState(
         count=jnp.zeros([], jnp.int32),
         skipped=jnp.zeros([], jnp.int32),
@@ -229,6 +263,10 @@ def scale_by_lora_rite(
         basis=unflatten(bases),
         second_moment=unflatten(seconds),
         escaped_mass=unflatten(escapes),
+        skipped_factors=jnp.zeros([], jnp.int32),
+        skipped_factors_total=jnp.zeros([], jnp.int32),
+        grad_norm=jnp.zeros([], dtype),
+        clip_scale=jnp.ones([], dtype),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -262,7 +300,7 @@ def scale_by_lora_rite(
 
     # Skipping, clipping and the finiteness check need only the r×r traces;
     # their scalings are folded into r×r matrices below.
-    dtype = jnp.result_type(*(s.dtype for s in sides)) if sides else jnp.float32
+    dtype = _state_dtype(paired.pairs)
     total = lambda xs: sum((jnp.sum(x).astype(dtype) for x in xs), start=jnp.zeros([], dtype))
     squared = [fm.squared_norm(s.gbar_gram) for s in sides]
     finite = jnp.isfinite(total(squared))
@@ -274,6 +312,8 @@ def scale_by_lora_rite(
         (clip > 0) & (grad_norm > clip), clip / jnp.where(grad_norm > 0, grad_norm, 1.0), 1.0)
     for side, k in zip(sides, kept, strict=True):
       side.grad_scale = (k * clip_scale).astype(side.dtype)[:, None, None]
+    skipped_factors = sum((jnp.sum(k == 0).astype(jnp.int32) for k in kept),
+                          start=jnp.zeros([], jnp.int32))
 
     # Phase 2: transport, moments, preconditioning, updates. A non-finite step
     # (NaN/inf in any gradient) must leave the state as it was and return zero
@@ -336,13 +376,14 @@ def scale_by_lora_rite(
                    fm.split_like(rho, side.grad), strict=True)
       for view, d, m, u, v, r in pieces:
         k = view.index
-        new_updates[k] = _from_compute(view, d, grads[k].dtype)
+        new_updates[k] = _from_compute(view, d, factors[k].dtype)
         new_moments[k] = _from_compute(view, m, moments[k].dtype)
         new_bases[k] = _from_compute(view, u, bases[k].dtype)
         new_seconds[k] = v.reshape(seconds[k].shape).astype(seconds[k].dtype)
         new_escapes[k] = r.reshape(escapes[k].shape).astype(escapes[k].dtype)
 
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    keep_old = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)
     return unflatten(new_updates), ScaleByLoraRiteState(
         count=state.count + finite.astype(state.count.dtype),
         skipped=state.skipped + (~finite).astype(state.skipped.dtype),
@@ -350,6 +391,11 @@ def scale_by_lora_rite(
         basis=unflatten(new_bases),
         second_moment=unflatten(new_seconds),
         escaped_mass=unflatten(new_escapes),
+        skipped_factors=keep_old(skipped_factors, state.skipped_factors),
+        skipped_factors_total=keep_old(
+            state.skipped_factors_total + skipped_factors, state.skipped_factors_total),
+        grad_norm=keep_old(grad_norm, state.grad_norm),
+        clip_scale=keep_old(clip_scale, state.clip_scale),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -473,7 +519,8 @@ def lora_rite(
     learning_rate: a number or an ``optax`` schedule.
     b1, b2, eps, relative_eps, clip_unmagnified_grad, update_skipping,
       update_capping, apply_escape, pairing: see :func:`scale_by_lora_rite`.
-    weight_decay: coupled weight decay ``Δ += weight_decay·param`` on factors.
+    weight_decay: weight decay ``Δ += weight_decay·param`` on factors, added after
+      the preconditioner and before the learning rate (docs/algorithm.md step 11).
     balance_factors: after each step, rescale every adapter's factors to equal
       Frobenius norms (product unchanged), see :func:`balance_lora_factors`.
     unpaired: ``'adamw'``, ``'zero'`` or ``'error'``.
@@ -490,6 +537,9 @@ def lora_rite(
   if unpaired not in UNPAIRED_CHOICES:
     raise ValueError(
         f'unpaired must be one of {UNPAIRED_CHOICES}, got {unpaired!r}.')
+  _check_learning_rate('learning_rate', learning_rate)
+  if unpaired_learning_rate is not None:
+    _check_learning_rate('unpaired_learning_rate', unpaired_learning_rate)
   _check_number('unpaired_weight_decay', unpaired_weight_decay, 0.0)
   _check_bool('balance_factors', balance_factors)
   rite = optax.chain(
@@ -511,4 +561,89 @@ def lora_rite(
       factor_labels(pairing, unpaired))
   if balance_factors:
     tx = optax.chain(tx, balance_lora_factors(pairing))
-  return optax.with_extra_args_support(tx)
+  return _skip_whole_step(tx, pairing)
+
+
+def _rite_states(state: Any) -> list[ScaleByLoraRiteState]:
+  is_rite = lambda x: isinstance(x, ScaleByLoraRiteState)
+  return [x for x in jax.tree.leaves(state, is_leaf=is_rite) if is_rite(x)]
+
+
+def diagnostics(state: Any) -> dict[str, jax.Array]:
+  """LoRA-RITE's per-step diagnostics, as scalars a training loop can log.
+
+  Finds the one :class:`ScaleByLoraRiteState` inside any optax state
+  (:func:`lora_rite`, ``optax.chain``, ``optax.partition``,
+  ``optax.inject_hyperparams``, ``optax.MultiSteps``). Works inside ``jit``.
+
+  Example::
+
+    >>> tx = rite_optax.lora_rite(1e-3)  # doctest: +SKIP
+    >>> updates, state = tx.update(grads, state, params)  # doctest: +SKIP
+    >>> logs = {k: float(v) for k, v in rite_optax.diagnostics(state).items()}  # doctest: +SKIP
+
+  Returns:
+    ``step`` (applied steps), ``skipped_steps`` (steps skipped whole for a
+    non-finite gradient), ``skipped_factors`` (factors whose unmagnified gradient
+    update skipping zeroed in the last applied step) and its running total
+    ``skipped_factors_total``, ``grad_norm`` (global norm of the kept unmagnified
+    gradients, before clipping) and ``clip_scale`` (1 when not clipped). A
+    ``skipped_factors`` near the number of factors usually means a loss summed
+    over tokens: the skipping threshold assumes a mean.
+
+  Raises:
+    ValueError: ``state`` holds no LoRA-RITE state, or more than one.
+  """
+  rites = _rite_states(state)
+  if len(rites) != 1:
+    raise ValueError(
+        f'diagnostics needs exactly one ScaleByLoraRiteState in the state, found {len(rites)}.')
+  rite, = rites
+  return {
+      'step': rite.count,
+      'skipped_steps': rite.skipped,
+      'skipped_factors': rite.skipped_factors,
+      'skipped_factors_total': rite.skipped_factors_total,
+      'grad_norm': rite.grad_norm,
+      'clip_scale': rite.clip_scale,
+  }
+
+
+def _skip_whole_step(
+    inner: optax.GradientTransformation, pairing: pairing_lib.Pairing
+) -> optax.GradientTransformationExtraArgs:
+  """Skips ``inner``'s whole step when any gradient is not finite.
+
+  ``scale_by_lora_rite`` alone skips the factors' step on a non-finite
+  unmagnified gradient; here a non-finite gradient of any other leaf (a bias, a
+  norm) skips the step too, and a skipped step leaves every update zero and
+  every inner state (the fallback's moments, the schedule's count) as it was,
+  except LoRA-RITE's ``skipped``, which counts it. The factors' finiteness is
+  read from the LoRA-RITE step itself (its ``skipped`` moved), so only the other
+  leaves' gradients are checked again here. Updates come back in the params'
+  dtypes, whatever the gradients' dtypes.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError('lora_rite needs params: call update(grads, state, params).')
+    paired = pairing_lib.pair_leaves(params, pairing)
+    grads = jax.tree.leaves(updates)
+    others_finite = jnp.array(True)
+    for i, g in enumerate(grads):
+      if i not in paired.factor_indices:
+        others_finite &= jnp.all(jnp.isfinite(g))
+    new_updates, new_state = inner.update(updates, state, params, **extra_args)
+    (old_rite,), (new_rite,) = _rite_states(state), _rite_states(new_state)
+    finite = others_finite & (new_rite.skipped == old_rite.skipped)
+    new_updates = jax.tree.map(
+        lambda u, p: jnp.where(finite, u, 0).astype(p.dtype), new_updates, params)
+    count_skip = lambda rite: rite._replace(
+        skipped=old_rite.skipped + (~finite).astype(old_rite.skipped.dtype))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    is_rite = lambda x: isinstance(x, ScaleByLoraRiteState)
+    new_state = jax.tree.map(lambda x: count_skip(x) if is_rite(x) else x, new_state,
+                             is_leaf=is_rite)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)

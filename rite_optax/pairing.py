@@ -17,6 +17,7 @@ import dataclasses
 import math
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -426,6 +427,25 @@ def _factor_view(
   return FactorView(path, index, shape, dtype, rank_axis, batch_axes)
 
 
+def layout_warning(pair: FactorPair) -> str | None:
+  """Why a pair's layout looks misread, or ``None``.
+
+  A LoRA rank above a factor's row count is almost always a transposed layout
+  read with the wrong rank axis: a torch/PEFT tree ``lora_a (r, in)``,
+  ``lora_b (out, r)`` with ``in == out`` pairs under the ``nnx`` convention with
+  "rank" ``in`` and r rows. Shapes alone cannot tell, so this warns (in
+  :func:`pair_leaves` and :func:`describe`) rather than guess.
+  """
+  a, b = pair.a, pair.b
+  if a.rank <= min(a.rows, b.rows):
+    return None
+  return (
+      f'{a.path} {a.shape} and {b.path} {b.shape}: rank {a.rank} is larger than the'
+      f' rows of a factor ({a.rows} and {b.rows}); the layout may be transposed (torch/PEFT'
+      " stores lora_A (r, in) and lora_B (out, r): use pairing='peft', or a rite_optax.regex"
+      ' rule with explicit rank axes).')
+
+
 def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
   """Finds the LoRA factor pairs of a param tree.
 
@@ -435,7 +455,10 @@ def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
   Raises:
     ValueError: a factor without its partner, a leaf matched by two rules, two
       factors with the same role and pair key, or shapes that do not pair (rank
-      or batch sizes differ). The message names the offending paths.
+      or batch sizes differ, rank 0). The message names the offending paths.
+
+  Warns (``UserWarning``) when a pair's rank exceeds a factor's rows
+  (:func:`layout_warning`).
     TypeError: a factor that is not floating point.
   """
   pairing = resolve(pairing)
@@ -488,6 +511,8 @@ def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
           f' {a.rank_axis} of {a.shape}) vs {b.rank} (axis {b.rank_axis} of'
           f' {b.shape}).'
       )
+    if a.rank == 0:
+      raise ValueError(f'{a.path} and {b.path}: rank 0 (shapes {a.shape}, {b.shape}).')
     if a.batch_shape != b.batch_shape:
       raise ValueError(
           f'{a.path} and {b.path}: batch axes differ in size,'
@@ -498,7 +523,10 @@ def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
           f'{a.path} and {b.path}: factors of one adapter must share a dtype,'
           f' got {a.dtype} and {b.dtype}.'
       )
-    pairs.append(FactorPair(key, a, b))
+    pair = FactorPair(key, a, b)
+    if (suspect := layout_warning(pair)):
+      warnings.warn(suspect, stacklevel=2)
+    pairs.append(pair)
   pairs.sort(key=lambda p: p.a.index)
   return PairedTree(tuple(pairs), tuple(unpaired), tuple(paths))
 
@@ -552,6 +580,8 @@ def describe(
         f'    canonical {a.canonical_shape} x {b.canonical_shape}, batch axes'
         f' a {a.batch_axes} b {b.batch_axes}'
     )
+    if (suspect := layout_warning(pair)):
+      lines.append(f'    warning: {suspect}')
   if paired.unpaired:
     lines.append(
         "unpaired (AdamW fallback, 'zero' or 'error' in lora_rite):"

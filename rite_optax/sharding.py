@@ -99,6 +99,10 @@ def _rite_specs(
       basis=_copy_param_specs(state.basis, by_path),
       second_moment=map_with_path(per_adapter(2), state.second_moment),
       escaped_mass=map_with_path(per_adapter(0), state.escaped_mass),
+      skipped_factors=PartitionSpec(),
+      skipped_factors_total=PartitionSpec(),
+      grad_norm=PartitionSpec(),
+      clip_scale=PartitionSpec(),
   )
 
 
@@ -118,8 +122,8 @@ def state_partition_specs(
   ``ScaleByLoraRiteState`` fields are handled explicitly: ``first_moment`` and
   ``basis`` copy their factor's spec; ``second_moment`` ``(*batch, r, r)`` gets
   the spec entries of the factor's batch axes followed by ``None, None``;
-  ``escaped_mass`` ``(*batch,)`` the batch entries alone; the counters are
-  replicated. Any other params-structured state (e.g. AdamW's ``mu``/``nu``)
+  ``escaped_mass`` ``(*batch,)`` the batch entries alone; the counters and
+  diagnostics are replicated. Any other params-structured state (e.g. AdamW's ``mu``/``nu``)
   copies the param specs, ``optax.MaskedNode`` leaves of ``optax.partition``
   stay as they are, and every other leaf is replicated (``PartitionSpec()``).
 

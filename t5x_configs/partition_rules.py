@@ -60,6 +60,10 @@ def lora_rite_state_axes(
       basis=_like_params(state.basis, params_axes),
       second_moment=_replicated(state.second_moment, params_axes),
       escaped_mass=_replicated(state.escaped_mass, params_axes),
+      skipped_factors=None,
+      skipped_factors_total=None,
+      grad_norm=None,
+      clip_scale=None,
   )
 
 
