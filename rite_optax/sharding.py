@@ -77,17 +77,29 @@ def _rite_specs(
   """Specs of one ``ScaleByLoraRiteState``, its fields handled one by one."""
   # The first moment has the (possibly masked) factors' shapes, so pairing it
   # finds the batch axes without the caller's params.
-  views = {
-      view.path: view
-      for pair in pairing_lib.pair_leaves(state.first_moment, pairing).pairs
-      for view in (pair.a, pair.b)
-  }
+  try:
+    pairs = pairing_lib.pair_leaves(state.first_moment, pairing).pairs
+  except ValueError as e:
+    raise ValueError(
+        f'{e} (reading the LoRA-RITE state with pairing {pairing.name!r}: pass'
+        ' state_partition_specs the pairing given to the transformation)') from e
+  views = {view.path: view for pair in pairs for view in (pair.a, pair.b)}
 
   def per_adapter(trailing: int):
     def spec(path, leaf):
       path = pairing_lib.path_string(path)
       entries = by_path[path]
+      if path not in views:
+        raise ValueError(
+            f'{path} has LoRA-RITE state, but it is not a factor under pairing'
+            f' {pairing.name!r}: pass state_partition_specs the pairing given to the'
+            ' transformation.')
       batch = tuple(entries[ax] for ax in views[path].batch_axes)
+      if len(batch) + trailing != len(leaf.shape):
+        raise ValueError(
+            f'{path}: its LoRA-RITE state has shape {tuple(leaf.shape)}, but pairing'
+            f' {pairing.name!r} gives it {len(batch)} batch axes: pass'
+            ' state_partition_specs the pairing given to the transformation.')
       return PartitionSpec(*batch, *(None,) * trailing)
     return spec
 

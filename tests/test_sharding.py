@@ -235,6 +235,13 @@ def test_specs_follow_rite_fields_and_fallback_through_wrappers():
     assert len(spec) <= leaf.ndim
 
 
+@pytest.mark.parametrize('wrong', ['nnx', 'qwix'])
+def test_specs_with_another_pairing_than_the_transformation_fail_by_name(wrong):
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), problem()[0])
+  with pytest.raises(ValueError, match='pass state_partition_specs the pairing given to the'):
+    rite_optax.state_partition_specs(optimizer(), params, row_specs('data'), wrong)
+
+
 def test_abstract_state_carries_shardings_of_the_specs():
   mesh = make_mesh((2, 4), ('data', 'model'))
   params = problem()[0]
