@@ -14,7 +14,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import rite_optax
@@ -31,6 +30,7 @@ from tunix.sft import utils as sft_utils  # noqa: E402
 
 RANK = 3  # differs from every model dim, so a wrong rank axis cannot match by size
 VOCAB, SEQ, BATCH = 64, 16, 8
+USED = 8  # the task's sequences use tokens 0..7 of the 64
 LORA_MODULES = '.*q_einsum|.*kv_einsum|.*attn_vec_einsum|.*gate_proj|.*up_proj|.*down_proj'
 BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
@@ -48,10 +48,14 @@ def lora_gemma(param_dtype=jnp.float32, lora_seed=1):
 
   Tunix initialises the MLP kernels to zero (a checkpoint overwrites them); with
   zero gate/up/down kernels every MLP LoRA gradient is zero, so they are drawn
-  at random here, as a pretrained base would have them.
+  at random here, as a pretrained base would have them. The embedding is drawn
+  with std 0.2 instead of 1: Gemma 3 normalises each block's output to unit RMS,
+  and an embedding of RMS sqrt(32) would drown what the adapters add.
   """
   model = gemma3.Gemma3(tiny_config(param_dtype), rngs=nnx.Rngs(0))
   keys = iter(jax.random.split(jax.random.key(2), 16))
+  emb = model.embedder.input_embedding
+  emb.value = (0.2 * jax.random.normal(next(keys), emb.value.shape)).astype(param_dtype)
   for layer in model.layers:
     for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
       k = proj.kernel
@@ -63,13 +67,13 @@ def lora_gemma(param_dtype=jnp.float32, lora_seed=1):
 
 
 def batches(n, seed):
-  """An embedded task: each sequence follows a fixed random permutation of the vocab."""
-  perm = np.random.default_rng(0).permutation(VOCAB)
+  """An embedded task: sequences walk a fixed random cycle through tokens 0..USED-1."""
+  perm = np.random.default_rng(0).permutation(USED)
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
     tokens = np.empty((BATCH, SEQ), np.int32)
-    tokens[:, 0] = rng.integers(0, VOCAB, BATCH)
+    tokens[:, 0] = rng.integers(0, USED, BATCH)
     for t in range(1, SEQ):
       tokens[:, t] = perm[tokens[:, t - 1]]
     out.append(peft_trainer.TrainingInput(
@@ -144,7 +148,7 @@ def test_peft_trainer_trains_checkpoints_and_resumes(tmp_path):
   """lora_rite in PeftTrainer: loss falls, base unchanged, every factor moves, and a
   new trainer on the same checkpoint directory restores LoRA params and RITE state."""
   steps, ckpt = 12, str(tmp_path / 'ckpt')
-  tx = lambda: rite_optax.lora_rite(1e-2, pairing='qwix')
+  tx = lambda: rite_optax.lora_rite(3e-2, pairing='qwix')
   model = lora_gemma()
   base0, lora0 = copy(nnx.state(model, BASE)), copy(nnx.state(model, nnx.LoRAParam))
   loss0 = held_out_loss(model)
@@ -152,7 +156,7 @@ def test_peft_trainer_trains_checkpoints_and_resumes(tmp_path):
   trainer.train(batches(2 * steps, seed=1))
   assert trainer.train_steps == steps
   loss1 = held_out_loss(model)
-  assert loss1 < 0.8 * loss0, (loss0, loss1)
+  assert loss1 < 0.5 * loss0, (loss0, loss1)
 
   base1, lora1 = copy(nnx.state(model, BASE)), copy(nnx.state(model, nnx.LoRAParam))
   for path, x in leaves(base0).items():
@@ -190,7 +194,7 @@ def test_bf16_base_trains_with_float32_math():
   model = lora_gemma(jnp.bfloat16)
   lora = nnx.state(model, nnx.LoRAParam)
   assert {x.dtype for x in jax.tree.leaves(lora)} == {jnp.dtype(jnp.bfloat16)}
-  tx = rite_optax.lora_rite(1e-2, pairing='qwix')
+  tx = rite_optax.lora_rite(3e-2, pairing='qwix')
 
   # One step on the real gradients, bf16 params vs the same values in float32.
   inputs = model_input(batches(1, seed=3)[0])
@@ -221,6 +225,6 @@ def test_bf16_base_trains_with_float32_math():
   loss0 = held_out_loss(model)
   trainer = trainer_for(model, tx, steps=12)
   trainer.train(batches(12, seed=1))
-  assert held_out_loss(model) < 0.8 * loss0
+  assert held_out_loss(model) < 0.5 * loss0
   assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))} == {
       jnp.dtype(jnp.bfloat16)}
