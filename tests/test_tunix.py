@@ -185,6 +185,8 @@ def test_peft_trainer_trains_checkpoints_and_resumes(tmp_path):
   resumed.train(batches(2 * steps, seed=1))  # skips the batches already seen
   assert resumed.train_steps == 2 * steps
   loss2 = held_out_loss(resumed_model)
+  print(f'held-out loss: {loss0:.3f} at init, {loss1:.3f} after {steps} steps,'
+        f' {loss2:.3f} after {2 * steps} (resumed at {steps})')
   assert loss2 < loss1, (loss0, loss1, loss2)
 
 
