@@ -464,7 +464,7 @@ def test_qwix_on_a_real_scanned_linen_decoder():
   """qwix LoRA on a linen decoder scanned with param_scan_axis 1 (needs qwix, not MaxText):
   every factor pairs with qwix(batch_axes=(1,)), slicing axis 1 gives exactly the factors
   qwix makes for one unscanned layer, and the scanned updates are the per-layer updates."""
-  qwix = pytest.importorskip('qwix', reason='needs qwix (pip install qwix)')
+  qwix = pytest.importorskip('qwix', reason='needs qwix (pip install "rite_optax[qwix]")')
   provider = qwix.LoraProvider(module_path='.*', rank=2, alpha=2.0)
   x = jnp.ones((2, 3, 5))
   init = lambda module, *args: qwix.apply_lora_to_model(module, provider).init(
