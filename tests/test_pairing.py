@@ -343,102 +343,6 @@ def test_stacked_pair_equals_separate_pairs(scan_axis):
 N_HEADS, HEAD_DIM = 2, 3
 
 
-def maxtext_scanned(fs):
-  """MaxText decoder layers under ``nn.scan`` with ``param_scan_axis: 1`` and qwix LoRA.
-
-  The scan inserts the layer axis L at position 1 of every per-layer param:
-  mlp/wi_0 (dot_general, kernel (D, F)): kernel_lora_a (D, L, r), kernel_lora_b (r, L, F);
-  query (einsum 'BTD,DNH->BTNH'): w_lora_a (D, L, r), w_lora_b (r, L, N, H);
-  out (einsum 'BTNH,NHD->BTD'): w_lora_a (N, L, H, r), w_lora_b (r, L, D).
-  """
-  (a1, b1), (a2, b2), (a3, b3) = fs
-  n_layers, r = a1.shape[0], a1.shape[-1]
-  return {'decoder': {'layers': {
-      'mlp': {'wi_0': {'kernel_lora_a': f64(a1.transpose(1, 0, 2)),
-                       'kernel_lora_b': f64(b1.transpose(2, 0, 1))}},
-      'self_attention': {
-          'query': {'w_lora_a': f64(a2.transpose(1, 0, 2)),
-                    'w_lora_b': f64(b2.reshape(n_layers, N_HEADS, HEAD_DIM, r)
-                                    .transpose(3, 0, 1, 2))},
-          'out': {'w_lora_a': f64(a3.reshape(n_layers, N_HEADS, HEAD_DIM, r)
-                                  .transpose(1, 0, 2, 3)),
-                  'w_lora_b': f64(b3.transpose(2, 0, 1))}}}}}
-
-
-def maxtext_scanned_z(p):
-  """Z per layer, (L, rows, cols), contracted the way qwix computes each delta."""
-  layers = p['decoder']['layers']
-  wi, q, o = (layers['mlp']['wi_0'], layers['self_attention']['query'],
-              layers['self_attention']['out'])
-  z_q = jnp.einsum('dlr,rlnh->ldnh', q['w_lora_a'], q['w_lora_b'])
-  z_o = jnp.einsum('nlhr,rld->lnhd', o['w_lora_a'], o['w_lora_b'])
-  return [jnp.einsum('dlr,rlf->ldf', wi['kernel_lora_a'], wi['kernel_lora_b']),
-          z_q.reshape(*z_q.shape[:2], -1), z_o.reshape(z_o.shape[0], -1, z_o.shape[-1])]
-
-
-def maxtext_layer(fs, i):
-  """Layer i of the same model unscanned: the per-layer qwix shapes."""
-  (a1, b1), (a2, b2), (a3, b3) = fs
-  r = a1.shape[-1]
-  return {'mlp': {'wi_0': {'kernel_lora_a': f64(a1[i]), 'kernel_lora_b': f64(b1[i].T)}},
-          'self_attention': {
-              'query': {'w_lora_a': f64(a2[i]),
-                        'w_lora_b': f64(b2[i].T.reshape(r, N_HEADS, HEAD_DIM))},
-              'out': {'w_lora_a': f64(a3[i].reshape(N_HEADS, HEAD_DIM, r)),
-                      'w_lora_b': f64(b3[i].T)}}}
-
-
-def test_qwix_maxtext_scanned_layers_equal_unscanned_layers():
-  """qwix(batch_axes=(1,)) on MaxText's scanned layout gives, layer by layer, the updates
-  of the unscanned model; the default qwix() pairs the same leaves but mixes the layers."""
-  n_layers = 3
-  factors = canonical_factors(
-      9, [((n_layers,), 5, 7, 2), ((n_layers,), 5, N_HEADS * HEAD_DIM, 2),
-          ((n_layers,), N_HEADS * HEAD_DIM, 5, 2)])
-  scanned = maxtext_scanned(factors)
-  pairing = rite_optax.qwix(batch_axes=(1,))
-  pairs, unpaired = keys_and_shapes(scanned, pairing)
-  prefix = 'decoder/layers/'
-  assert {k.removeprefix(prefix): (v[1], v[3]) for k, v in pairs.items()} == {
-      'mlp/wi_0/kernel': ((3, 5, 2), (3, 7, 2)),
-      'self_attention/query/w': ((3, 5, 2), (3, 6, 2)),
-      'self_attention/out/w': ((3, 6, 2), (3, 5, 2))}
-  assert not unpaired
-  assert all(v.endswith('lora_a') and w.endswith('lora_b') for v, _, w, _ in pairs.values())
-
-  separate = {f'layers_{i}': maxtext_layer(factors, i) for i in range(n_layers)}
-
-  def z_separate(p):
-    out = []
-    for i in range(n_layers):
-      layer = p[f'layers_{i}']
-      wi, q, o = (layer['mlp']['wi_0'], layer['self_attention']['query'],
-                  layer['self_attention']['out'])
-      out += [wi['kernel_lora_a'] @ wi['kernel_lora_b'],
-              jnp.einsum('dr,rnh->dnh', q['w_lora_a'], q['w_lora_b']).reshape(5, -1),
-              jnp.einsum('nhr,rd->nhd', o['w_lora_a'], o['w_lora_b']).reshape(-1, 5)]
-    return out
-  rng = np.random.default_rng(10)
-  dzs = [[rng.standard_normal(z.shape) for z in maxtext_scanned_z(scanned)] for _ in range(4)]
-  out_scanned = run_steps(make_step(pairing, maxtext_scanned_z), scanned, maxtext_scanned_z,
-                          [[jnp.asarray(d) for d in dz] for dz in dzs])
-  out_separate = run_steps(
-      make_step('qwix', z_separate), separate, z_separate,
-      [[jnp.asarray(dz[k][i]) for i in range(n_layers) for k in range(3)] for dz in dzs])
-  for zs, zl in zip(out_scanned, out_separate, strict=True):
-    for k in range(3):
-      np.testing.assert_allclose(zs[k], np.stack(zl[k::3]), rtol=0,
-                                 atol=1e-12 * np.abs(zs[k]).max())
-  z0 = maxtext_scanned_z(scanned)
-  assert min(rel_err(z, z_init) for z, z_init in zip(out_scanned[-1], z0, strict=True)) > 1e-3
-  # Without the declared layer axis the same leaves pair, as (D·L, r) x (L·F, r) blocks:
-  # one adapter per weight instead of one per layer, and the updates differ.
-  out_unscanned = run_steps(make_step('qwix', maxtext_scanned_z), scanned, maxtext_scanned_z,
-                            [[jnp.asarray(d) for d in dz] for dz in dzs])
-  assert max(rel_err(u, s) for u, s in zip(out_unscanned[-1], out_scanned[-1], strict=True)
-             ) > 1e-3
-
-
 class MaxTextLikeLayer(nn.Module):
   """A decoder layer with MaxText's DenseGeneral projections (qwix LoRA via dot_general)."""
 
@@ -461,9 +365,11 @@ class MaxTextLikeDecoder(nn.Module):
 
 
 def test_qwix_on_a_real_scanned_linen_decoder():
-  """qwix LoRA on a linen decoder scanned with param_scan_axis 1 (needs qwix, not MaxText):
-  every factor pairs with qwix(batch_axes=(1,)), slicing axis 1 gives exactly the factors
-  qwix makes for one unscanned layer, and the scanned updates are the per-layer updates."""
+  """MaxText's scanned layout: qwix LoRA on a linen decoder whose layers are scanned with
+  the params' layer axis at 1 (MaxText's param_scan_axis: 1; needs qwix, not MaxText).
+  Every factor pairs with qwix(batch_axes=(1,)), slicing axis 1 gives exactly the factors
+  qwix makes for one unscanned layer, and the scanned updates equal the per-layer updates
+  to 1e-12 in float64."""
   qwix = pytest.importorskip('qwix', reason='needs qwix (pip install "rite_optax[qwix]")')
   provider = qwix.LoraProvider(module_path='.*', rank=2, alpha=2.0)
   x = jnp.ones((2, 3, 5))
@@ -505,6 +411,13 @@ def test_qwix_on_a_real_scanned_linen_decoder():
     params = optax.apply_updates(params, updates)
     per_layer = optax.apply_updates(per_layer, updates_layer)
   assert min(float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)) > 0
+  # Undeclared, the layer axis becomes rows: the same leaves pair, as one adapter per weight
+  # spanning all layers ((D·L, r) x (L·F, r)), and the updates differ.
+  tx_undeclared = rite_optax.lora_rite(1e-2, pairing='qwix', unpaired='error', **ALL_ON)
+  undeclared, _ = jax.jit(tx_undeclared.update)(grads[0], tx_undeclared.init(params), params)
+  declared, _ = jax.jit(tx.update)(grads[0], tx.init(params), params)
+  assert max(rel_err(u, d) for u, d in zip(jax.tree.leaves(undeclared),
+                                           jax.tree.leaves(declared), strict=True)) > 1e-3
 
 
 def test_expert_and_layer_batch_axes_canonical_view():
