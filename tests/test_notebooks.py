@@ -9,7 +9,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / 'notebooks').glob('*.ipynb'))
-EXECUTED = ('01_quickstart.ipynb', '02_scaling_out.ipynb', '03_t5x.ipynb')
+EXECUTED = ('01_quickstart.ipynb', '02_scaling_out.ipynb', '03_t5x.ipynb', '04_tunix_gemma.ipynb')
 COLAB = 'https://colab.research.google.com/github/rite-optax/rite_optax/blob/main/notebooks/'
 INSTALL = re.compile(
     r'%pip install -q "rite_optax\[notebooks[a-z,]*\] @ git\+https://github.com/rite-optax/rite_optax"')
@@ -57,6 +57,11 @@ def test_notebook_executes(name, monkeypatch):
   pytest.importorskip('ipykernel')
   if name == '03_t5x.ipynb':
     pytest.importorskip('gin')  # gin-config's parser; T5X itself is not needed
+  if name == '04_tunix_gemma.ipynb':
+    # The 'tunix' extra (.ci/tunix.sh); the notebook then runs its tiny, download-free mode.
+    pytest.importorskip('tunix', reason='needs google-tunix (pip install "rite_optax[tunix]")')
+    pytest.importorskip('qwix', reason='needs qwix (pip install "rite_optax[tunix]")')
+    monkeypatch.setenv('RITE_OPTAX_NOTEBOOK_MODE', 'tiny')
   # As in a checkout: the kernel starts in notebooks/ (03 finds gin/ there),
   # imports rite_optax from this checkout, installed or not, and starts without
   # the test suite's simulated devices.

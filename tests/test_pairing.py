@@ -340,6 +340,86 @@ def test_stacked_pair_equals_separate_pairs(scan_axis):
   assert rel_err(out_stacked[-1][0], np.einsum('lmr,lnr->lmn', a, b)) > 1e-3
 
 
+N_HEADS, HEAD_DIM = 2, 3
+
+
+class MaxTextLikeLayer(nn.Module):
+  """A decoder layer with MaxText's DenseGeneral projections (qwix LoRA via dot_general)."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.Dense(7, use_bias=False, name='wi_0')(x)
+    q = nn.DenseGeneral((N_HEADS, HEAD_DIM), use_bias=False, name='query')(x)
+    o = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, name='out')(q)
+    return x + o + h.sum(-1, keepdims=True), None
+
+
+class MaxTextLikeDecoder(nn.Module):
+  """Layers scanned the MaxText way: ``nn.scan`` with the params' layer axis at 1."""
+
+  @nn.compact
+  def __call__(self, x):
+    scanned = nn.scan(MaxTextLikeLayer, variable_axes={'params': 1},
+                      split_rngs={'params': True}, length=4)
+    return scanned(name='layers')(x, None)[0]
+
+
+def test_qwix_on_a_real_scanned_linen_decoder():
+  """MaxText's scanned layout: qwix LoRA on a linen decoder whose layers are scanned with
+  the params' layer axis at 1 (MaxText's param_scan_axis: 1; needs qwix, not MaxText).
+  Every factor pairs with qwix(batch_axes=(1,)), slicing axis 1 gives exactly the factors
+  qwix makes for one unscanned layer, and the scanned updates equal the per-layer updates
+  to 1e-12 in float64."""
+  qwix = pytest.importorskip('qwix', reason='needs qwix (pip install "rite_optax[qwix]")')
+  provider = qwix.LoraProvider(module_path='.*', rank=2, alpha=2.0)
+  x = jnp.ones((2, 3, 5))
+  init = lambda module, *args: qwix.apply_lora_to_model(module, provider).init(
+      jax.random.key(0), x, *args)
+  shapes = lambda tree: jax.tree.map(lambda v: v.shape, tree)
+  lora_only = lambda tree: {m: {k: v for k, v in leaves.items() if '_lora_' in k}
+                            for m, leaves in tree.items()}
+  scanned = lora_only(init(MaxTextLikeDecoder())['params']['layers'])
+  one_layer = lora_only(init(MaxTextLikeLayer(), None)['params'])
+  assert shapes(scanned) == {  # qwix dot_general: a (contract, r), b (r, remain), L at 1
+      'wi_0': {'kernel_lora_a': (5, 4, 2), 'kernel_lora_b': (2, 4, 7)},
+      'query': {'kernel_lora_a': (5, 4, 2), 'kernel_lora_b': (2, 4, N_HEADS * HEAD_DIM)},
+      'out': {'kernel_lora_a': (N_HEADS * HEAD_DIM, 4, 2), 'kernel_lora_b': (2, 4, 5)}}
+  layer_i = lambda tree, i: jax.tree.map(lambda v: v[:, i], tree)
+  assert shapes(layer_i(scanned, 0)) == shapes(one_layer)
+
+  pairing = rite_optax.qwix(batch_axes=(1,))
+  paired = rite_optax.pair_leaves(scanned, pairing)
+  assert not paired.unpaired and len(paired.pairs) == 3
+  assert all(p.a.batch_shape == (4,) and p.a.rank_axis == 2 and p.b.rank_axis == 0
+             for p in paired.pairs)
+  params = jax.tree.map(f64, scanned)
+  params['out']['kernel_lora_b'] = f64(np.random.default_rng(11).standard_normal((2, 4, 5)))
+  rng = np.random.default_rng(12)
+  grads = [jax.tree.map(lambda v: f64(rng.standard_normal(v.shape)), params) for _ in range(3)]
+  tx = rite_optax.lora_rite(1e-2, pairing=pairing, unpaired='error', **ALL_ON)
+  tx_layer = rite_optax.lora_rite(1e-2, pairing='qwix', unpaired='error', **ALL_ON)
+  per_layer = {f'layers_{i}': layer_i(params, i) for i in range(4)}
+  state, state_layer = tx.init(params), tx_layer.init(per_layer)
+  for g in grads:
+    updates, state = jax.jit(tx.update)(g, state, params)
+    updates_layer, state_layer = jax.jit(tx_layer.update)(
+        {f'layers_{i}': layer_i(g, i) for i in range(4)}, state_layer, per_layer)
+    for i in range(4):
+      jax.tree.map(lambda u, v: np.testing.assert_allclose(
+          u, v, rtol=0, atol=1e-12 * np.abs(v).max()), layer_i(updates, i),
+          updates_layer[f'layers_{i}'])
+    params = optax.apply_updates(params, updates)
+    per_layer = optax.apply_updates(per_layer, updates_layer)
+  assert min(float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)) > 0
+  # Undeclared, the layer axis becomes rows: the same leaves pair, as one adapter per weight
+  # spanning all layers ((D·L, r) x (L·F, r)), and the updates differ.
+  tx_undeclared = rite_optax.lora_rite(1e-2, pairing='qwix', unpaired='error', **ALL_ON)
+  undeclared, _ = jax.jit(tx_undeclared.update)(grads[0], tx_undeclared.init(params), params)
+  declared, _ = jax.jit(tx.update)(grads[0], tx.init(params), params)
+  assert max(rel_err(u, d) for u, d in zip(jax.tree.leaves(undeclared),
+                                           jax.tree.leaves(declared), strict=True)) > 1e-3
+
+
 def test_expert_and_layer_batch_axes_canonical_view():
   tree = {'moe': {'lora_a': jnp.zeros((4, 8, 16, 2)), 'lora_b': jnp.zeros((4, 8, 2, 5))}}
   (pair,) = rite_optax.pair_leaves(tree, rite_optax.nnx(batch_axes=(0, 1))).pairs
