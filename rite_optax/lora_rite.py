@@ -231,6 +231,20 @@ def scale_by_lora_rite(
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
     for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
+  return _scale_by_lora_rite(
+      b1=b1, b2=b2, eps=eps, relative_eps=relative_eps,
+      clip_unmagnified_grad=clip_unmagnified_grad, update_skipping=update_skipping,
+      update_capping=update_capping, weight_decay=weight_decay, apply_escape=apply_escape,
+      pairing=pairing, updates_in_param_dtype=True)
+
+
+def _scale_by_lora_rite(
+    *, b1, b2, eps, relative_eps, clip_unmagnified_grad, update_skipping, update_capping,
+    weight_decay, apply_escape, pairing, updates_in_param_dtype: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`scale_by_lora_rite`; with ``updates_in_param_dtype=False`` the updates stay
+  in the compute dtype, so that :func:`lora_rite` rounds them to bf16 params once,
+  after the learning rate, not twice."""
   _check_number('b1', b1, 0.0, 1.0)
   _check_number('b2', b2, 0.0, 1.0)
   _check_number('eps', eps, 0.0)
@@ -376,7 +390,8 @@ def scale_by_lora_rite(
                    fm.split_like(rho, side.grad), strict=True)
       for view, d, m, u, v, r in pieces:
         k = view.index
-        new_updates[k] = _from_compute(view, d, factors[k].dtype)
+        new_updates[k] = _from_compute(
+            view, d, factors[k].dtype if updates_in_param_dtype else side.dtype)
         new_moments[k] = _from_compute(view, m, moments[k].dtype)
         new_bases[k] = _from_compute(view, u, bases[k].dtype)
         new_seconds[k] = v.reshape(seconds[k].shape).astype(seconds[k].dtype)
@@ -543,11 +558,12 @@ def lora_rite(
   _check_number('unpaired_weight_decay', unpaired_weight_decay, 0.0)
   _check_bool('balance_factors', balance_factors)
   rite = optax.chain(
-      scale_by_lora_rite(
+      _scale_by_lora_rite(
           b1=b1, b2=b2, eps=eps, relative_eps=relative_eps,
           clip_unmagnified_grad=clip_unmagnified_grad,
           update_skipping=update_skipping, update_capping=update_capping,
-          weight_decay=weight_decay, apply_escape=apply_escape, pairing=pairing),
+          weight_decay=weight_decay, apply_escape=apply_escape, pairing=pairing,
+          updates_in_param_dtype=False),
       optax.scale_by_learning_rate(learning_rate),
   )
   if unpaired == 'adamw':
