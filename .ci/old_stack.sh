@@ -20,5 +20,5 @@ python3 -m venv "$venv"
 "$venv/bin/pip" check
 "$venv/bin/python" -c 'import jax, flax, optax, orbax.checkpoint as ocp; print("old stack: jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax-checkpoint", ocp.__version__)'
 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/test_lora_rite.py tests/test_optax_integration.py \
+  tests/test_lora_rite.py tests/test_lora_rite_robustness.py tests/test_optax_integration.py \
   tests/test_sharding.py tests/test_pmap.py tests/test_checkpoint.py

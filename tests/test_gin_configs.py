@@ -16,12 +16,13 @@ gin = pytest.importorskip('gin')
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin'
 GIN_FILES = sorted(p.name for p in GIN_DIR.glob('*.gin'))
-# Selectors of T5X, flaxformer and seqio (and our flaxformer subclass) only.
+# Selectors of T5X, flaxformer and seqio (and our subclasses of theirs) only.
 T5X_AND_FLAXFORMER = [
     'optimizers.OptaxWrapper', 'adafactor.Adafactor', 'models.EncoderDecoderModel',
     'partitioning.PjitPartitioner', 'partitioning.standard_logical_axis_rules',
     'utils.RestoreCheckpointConfig', 'dense_attention.MultiHeadDotProductAttention',
     'dense.MlpBlock', 'lora_dense.LoraDenseGeneral', 'seqio.ByteVocabulary',
+    'trainer.Trainer', 'diagnostics.LoraRiteMetrics',
 ]
 
 
