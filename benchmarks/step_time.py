@@ -11,9 +11,11 @@ For each workload, both optimizers run in this process on the same params:
 one jitted step (``tx.update`` + ``optax.apply_updates`` over the whole tree,
 params and state donated), ``--warmup`` untimed steps, then the median (and
 min/max) of ``--steps`` timed steps, each ending in ``block_until_ready``.
-Reported: ms/step, the ratio to optax.adam, optimizer-state bytes, and XLA's
+Reported: ms/step, the ratio to optax.adam, optimizer-state bytes, XLA's
 temporary buffer bytes for the step (its peak working memory beyond the
-arguments and outputs).
+arguments and outputs, ``memory_analysis()``), and the bytes the compiled step
+reads and writes (``cost_analysis()["bytes accessed"]``, the cost that matters on
+memory-bound accelerators) with their ratio to optax.adam's.
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ def time_optimizer(tx, params, grads, warmup: int, steps: int) -> dict:
   compile_s = time.perf_counter() - t0
   memory = compiled.memory_analysis()
   temp_bytes = getattr(memory, 'temp_size_in_bytes', 0) if memory is not None else 0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list on older jax
+  accessed_bytes = (cost or {}).get('bytes accessed', float('nan'))
   for _ in range(warmup):
     params, state = compiled(params, state, grads)
   jax.block_until_ready((params, state))
@@ -126,7 +131,8 @@ def time_optimizer(tx, params, grads, warmup: int, steps: int) -> dict:
     jax.block_until_ready((params, state))
     times.append((time.perf_counter() - t0) * 1e3)
   return dict(median=statistics.median(times), min=min(times), max=max(times),
-              state_bytes=state_bytes, temp_bytes=temp_bytes, compile_s=compile_s)
+              state_bytes=state_bytes, temp_bytes=temp_bytes, accessed_bytes=accessed_bytes,
+              compile_s=compile_s)
 
 
 def main(argv=None) -> None:
@@ -139,8 +145,8 @@ def main(argv=None) -> None:
   print(f'# {platform.processor() or platform.machine()}, {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}, jax {jax.__version__}, optax {optax.__version__}')
   print('| workload | pairs | optimizer | median ms | min ms | max ms | × adam | state MB |'
-        ' XLA temp MB | compile s |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
+        ' XLA temp MB | bytes accessed MB | bytes × adam | compile s |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
   for name in args.workloads:
     workload = WORKLOADS[name]
     params = make_params(workload)
@@ -151,7 +157,9 @@ def main(argv=None) -> None:
     for label, r in (('optax.adam', adam), ('lora_rite', rite)):
       print(f'| {name} | {len(workload.shapes())} | {label} | {r["median"]:.1f} | {r["min"]:.1f} |'
             f' {r["max"]:.1f} | {r["median"] / adam["median"]:.2f} | {r["state_bytes"] / 2**20:.1f} |'
-            f' {r["temp_bytes"] / 2**20:.1f} | {r["compile_s"]:.1f} |', flush=True)
+            f' {r["temp_bytes"] / 2**20:.1f} | {r["accessed_bytes"] / 2**20:.0f} |'
+            f' {r["accessed_bytes"] / adam["accessed_bytes"]:.2f} | {r["compile_s"]:.1f} |',
+            flush=True)
 
 
 if __name__ == '__main__':

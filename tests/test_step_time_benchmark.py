@@ -42,3 +42,6 @@ def test_timing_a_tiny_workload(scanned):
   assert 0 < rite['min'] <= rite['median'] <= rite['max']
   # First moment + basis per factor, plus r×r and per-adapter scalars.
   assert adam['state_bytes'] <= rite['state_bytes'] <= 1.1 * adam['state_bytes']
+  # Both read and write at least their params, gradients and state once.
+  for r in (adam, rite):
+    assert r['accessed_bytes'] >= 2 * sum(x.nbytes for x in jax.tree.leaves(params))
