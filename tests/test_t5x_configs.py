@@ -166,8 +166,12 @@ def test_bad_data_files_name_file_line_and_option(tmp_path, name, text, kwargs, 
 
 def test_split_files_checked(tmp_path):
   (tmp_path / 't.jsonl').write_text('')
-  with pytest.raises(ValueError, match="split_files.*'train'"):
-    tasks.check_split_files({'validation': str(tmp_path / 't.jsonl')})
+  for bad in ({}, 'train.jsonl', ['train.jsonl']):
+    with pytest.raises(ValueError, match='split_files must map split names'):
+      tasks.check_split_files(bad)
+  # Eval and infer read one split; no 'train' needed.
+  assert tasks.check_split_files({'validation': str(tmp_path / 't.jsonl')}) == {
+      'validation': [str(tmp_path / 't.jsonl')]}
   with pytest.raises(ValueError, match=r"split_files\['validation'\]: no such file"):
     tasks.check_split_files({'train': str(tmp_path / 't.jsonl'), 'validation': ['/nope.jsonl']})
   assert tasks.check_split_files({'train': str(tmp_path / 't.jsonl')}) == {
