@@ -201,6 +201,8 @@ def test_tiny_adam_twin_differs_from_lora_rite_only_in_the_optimizer():
   shared = lambda st: {k: v for k, v in st.items() if not optimizer_only(k)}
   assert shared(rite) == shared(adam)
   assert rite['LEARNING_RATE'] == 1e-2 and rite['EVAL_PERIOD'] == 20
+  # The periodic eval decodes as far as t5x.eval / t5x.infer do, so their predictions agree.
+  assert rite['infer_eval/utils.DatasetConfig.task_feature_lengths'] == '%TASK_FEATURE_LENGTHS'
 
 
 def test_tiny_adam_twin_from_gin_equals_python(parse):

