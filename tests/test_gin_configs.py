@@ -149,7 +149,8 @@ def _statements(name):
       if isinstance(st, gin.config_parser.IncludeStatement):
         out.update(_statements(st.filename))
       elif isinstance(st, gin.config_parser.BindingStatement):
-        out[f'{st.selector}.{st.arg_name}' if st.arg_name else st.selector] = st.value
+        selector = f'{st.scope}/{st.selector}' if st.scope else st.selector
+        out[f'{selector}.{st.arg_name}' if st.arg_name else selector] = st.value
   return out
 
 
