@@ -207,6 +207,13 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return tree
 
 
+def _path(path: str):
+  """An ``etils.epath.Path`` (local or ``gs://``), as T5X and Orbax use."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  return epath.Path(path) if '://' in str(path) else epath.Path(os.path.abspath(path))
+
+
 def checkpoint_step(checkpoint: str) -> int:
   """The step in a ``.../checkpoint_<step>`` directory name."""
   m = re.fullmatch(r'checkpoint_(\d+)', os.path.basename(os.path.normpath(checkpoint)))
@@ -224,8 +231,8 @@ def read_params(checkpoint: str, only_factors: bool = False) -> dict[str, np.nda
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  state_dir = os.path.join(os.path.abspath(checkpoint), 'state')
-  if not os.path.isdir(state_dir):
+  state_dir = _path(checkpoint) / 'state'
+  if not state_dir.is_dir():
     raise ValueError(
         f'{checkpoint}: no state/ folder; only Orbax-format T5X checkpoints are supported.')
   checkpointer = ocp.PyTreeCheckpointer()
@@ -252,13 +259,13 @@ def write_checkpoint(model_dir: str, params: Mapping[str, np.ndarray], step: int
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  ckpt = os.path.join(os.path.abspath(model_dir), f'checkpoint_{step}')
-  if os.path.exists(ckpt):
+  ckpt = _path(model_dir) / f'checkpoint_{step}'
+  if ckpt.exists():
     raise ValueError(f'{ckpt} exists; choose another --output.')
   state = {'state': {'step': np.asarray(step, np.int32)}, 'target': _unflatten(params)}
   with ocp.PyTreeCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(ckpt, 'state'), args=ocp.args.PyTreeSave(state))
-  return ckpt
+    checkpointer.save(ckpt / 'state', args=ocp.args.PyTreeSave(state))
+  return str(ckpt)
 
 
 def read_run_config(checkpoint: str) -> dict[str, Any]:
@@ -266,11 +273,11 @@ def read_run_config(checkpoint: str) -> dict[str, Any]:
 
   T5X writes the operative gin config next to the checkpoints; missing values are absent.
   """
-  path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), 'config.gin')
+  path = _path(checkpoint).parent / 'config.gin'
   found = {}
-  if not os.path.exists(path):
+  if not path.exists():
     return found
-  text = open(path, encoding='utf-8').read()
+  text = path.read_text()
   for name in ('LORA_ALPHA', 'LORA_TARGETS', 'INITIAL_CHECKPOINT_PATH'):
     m = re.search(rf'^{name} = (.+?)(?=^\S|\Z)', text, re.MULTILINE | re.DOTALL)
     if m:
