@@ -67,21 +67,26 @@ def test_finetune_inference_eval_logs_exact_match_and_rouge_l(runs):
     assert len(preds) == 64  # the whole validation split
     targets, predictions = [p['target'] for p in preds], [p['prediction'] for p in preds]
     expected = {**metrics.exact_match(targets, predictions), **metrics.rouge_l(targets, predictions)}
-    assert _logged_metrics(logs['lora'], step) == pytest.approx(expected)
+    # The log rounds to 3 decimals; metrics.jsonl has the values.
+    assert _logged_metrics(logs['lora'], step) == pytest.approx(expected, abs=1e-3)
     assert {k: v for k, v in written[step // 20 - 2].items() if k != 'step'} == pytest.approx(
         expected)
 
 
 def test_t5x_eval_reports_metrics_from_the_gin_alone(runs, tmp_path):
-  root, logs = runs
+  root, _ = runs
   log = t5x('eval', 'eval.gin', 'tiny_lora_eval_cpu.gin',
             f"CHECKPOINT_PATH='{root / 'lora' / f'checkpoint_{STEP}'}'",
             f"EVAL_OUTPUT_DIR='{tmp_path}'")
-  got = _logged_metrics(log, STEP)
-  # Same checkpoint, same greedy decoding and data as the fine-tune's eval at that step.
-  assert got == _logged_metrics(logs['lora'], STEP)
   (written,) = _jsonl(tmp_path / 'inference_eval' / f'{TASK}-metrics.jsonl')
-  assert written == {'step': STEP, **got}
+  assert set(written) == {'step', 'exact_match', 'rougeL'}
+  assert _logged_metrics(log, STEP) == pytest.approx(
+      {k: written[k] for k in ('exact_match', 'rougeL')}, abs=1e-3)
+  # Same checkpoint, same greedy decoding and data as the fine-tune's eval at that step.
+  (during_training,) = [m for m in _jsonl(root / 'lora' / 'inference_eval' / f'{TASK}-metrics.jsonl')
+                        if m['step'] == STEP]
+  assert written == during_training
+  print(f't5x.eval of checkpoint_{STEP}: {written}')
 
 
 def _infer(gin_file: str, ckpt: pathlib.Path, out: pathlib.Path) -> list[str]:
