@@ -3,7 +3,9 @@
 Modules: :mod:`~t5x_configs.lora` (LoRA math, no flaxformer),
 :mod:`~t5x_configs.lora_dense` (flaxformer layer), :mod:`~t5x_configs.partition_rules`
 (T5X optimizer-state axes), :mod:`~t5x_configs.labels` (freezing the base),
-:mod:`~t5x_configs.tasks` (seqio tasks). The gin files live in :func:`gin_dir`.
+:mod:`~t5x_configs.tasks` (seqio tasks), :mod:`~t5x_configs.metrics` (exact match,
+ROUGE-L), :mod:`~t5x_configs.adapters` (export / apply / merge LoRA adapters of T5X
+checkpoints). The gin files live in :func:`gin_dir`.
 """
 
 import pathlib

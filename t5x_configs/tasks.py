@@ -9,8 +9,10 @@ builds T5X's dataset configs, with no Python written by the user::
     split_files = {'train': '/data/train.jsonl', 'validation': '/data/dev.jsonl'}
     vocabulary = %VOCABULARY
 
-Parsing is plain Python (testable without seqio); seqio and TensorFlow are
-imported only when a task is registered.
+Every task reports exact match and ROUGE-L (:mod:`t5x_configs.metrics`) on the decoded,
+whitespace-stripped outputs, so T5X's ``t5x.eval`` and fine-tuning's periodic inference
+evaluation (``infer_eval``) have metrics to compute. Parsing is plain Python (testable
+without seqio); seqio and TensorFlow are imported only when a task is registered.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import csv
 import json
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
+
+from t5x_configs import metrics as metrics_lib
 
 FORMATS = ('jsonl', 'tsv')
 SYNTHETIC_TASK = 'rite_optax_synthetic_reverse'
@@ -89,10 +93,14 @@ def _text_field(record: Mapping[str, Any], key: str, option: str, path: str, lin
 
 
 def check_split_files(split_files: Mapping[str, Any]) -> dict[str, list[str]]:
-  """Normalizes ``{split: path or [paths]}``; errors name ``split_files``."""
-  if not isinstance(split_files, Mapping) or 'train' not in split_files:
+  """Normalizes ``{split: path or [paths]}``; errors name ``split_files``.
+
+  Training needs a ``'train'`` split; evaluation and inference only the split they read
+  (e.g. ``{'validation': ...}``), so any non-empty mapping is accepted here.
+  """
+  if not isinstance(split_files, Mapping) or not split_files:
     raise ValueError(
-        f"split_files must map split names to files and contain 'train', got {split_files!r}.")
+        f'split_files must map split names to files, got {split_files!r}.')
   out = {}
   for split, files in split_files.items():
     files = [files] if isinstance(files, str) else list(files)
@@ -116,8 +124,26 @@ def synthetic_examples(num_examples: int, seed: int = 0, max_len: int = 8) -> li
   return out
 
 
-def _register(name: str, examples_by_split: Mapping[str, Any], vocabulary: Any) -> str:
-  """Registers (or replaces) a seqio task over in-memory or lazily read examples."""
+def check_metric_fns(metric_fns: Sequence[Callable[..., Mapping[str, float]]]) -> tuple:
+  """A tuple of callables ``(targets, predictions) -> {name: value}``; errors name ``metric_fns``."""
+  if isinstance(metric_fns, (str, bytes)) or not isinstance(metric_fns, Sequence):
+    raise ValueError(f'metric_fns must be a sequence of functions, got {metric_fns!r}.')
+  for fn in metric_fns:
+    if not callable(fn):
+      raise ValueError(f'metric_fns: {fn!r} is not callable.')
+  return tuple(metric_fns)
+
+
+def _register(
+    name: str,
+    examples_by_split: Mapping[str, Any],
+    vocabulary: Any,
+    metric_fns: Sequence[Callable[..., Mapping[str, float]]],
+) -> str:
+  """Registers (or replaces) a seqio task over in-memory or lazily read examples.
+
+  Outputs and targets go through :func:`metrics.strip_text` before ``metric_fns``.
+  """
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -143,6 +169,8 @@ def _register(name: str, examples_by_split: Mapping[str, Any], vocabulary: Any) 
       source=seqio.FunctionDataSource(dataset_fn, splits=tuple(examples_by_split)),
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
       output_features=features,
+      postprocess_fn=metrics_lib.strip_text,
+      metric_fns=list(metric_fns),
   )
   return name
 
@@ -154,6 +182,7 @@ def register_text_task(
     file_format: str | None = None,
     inputs_key: str = 'inputs',
     targets_key: str = 'targets',
+    metric_fns: Sequence[Callable[..., Mapping[str, float]]] = metrics_lib.DEFAULT_METRICS,
 ) -> str:
   """Registers a seqio text-to-text task over your JSONL/TSV files; returns ``name``.
 
@@ -164,10 +193,13 @@ def register_text_task(
       SentencePiece); ``None`` uses ``seqio.ByteVocabulary()``.
     file_format: ``'jsonl'`` or ``'tsv'``; inferred from the extension if ``None``.
     inputs_key, targets_key: JSONL field names.
+    metric_fns: seqio metric functions ``(targets, predictions) -> {name: value}`` on
+      stripped text; default exact match and ROUGE-L.
   """
   if not isinstance(name, str) or not name:
     raise ValueError(f'name must be a non-empty string, got {name!r}.')
   files = check_split_files(split_files)
+  metric_fns = check_metric_fns(metric_fns)
   if file_format is not None and file_format not in FORMATS:
     raise ValueError(f'file_format must be one of {FORMATS}, got {file_format!r}.')
 
@@ -175,16 +207,24 @@ def register_text_task(
     return lambda: (ex for p in paths
                     for ex in read_examples(p, file_format, inputs_key, targets_key))
 
-  return _register(name, {split: reader(paths) for split, paths in files.items()}, vocabulary)
+  return _register(
+      name, {split: reader(paths) for split, paths in files.items()}, vocabulary, metric_fns)
 
 
 def register_synthetic_task(
-    name: str = SYNTHETIC_TASK, num_train: int = 512, num_validation: int = 64
+    name: str = SYNTHETIC_TASK,
+    num_train: int = 512,
+    num_validation: int = 64,
+    metric_fns: Sequence[Callable[..., Mapping[str, float]]] = metrics_lib.DEFAULT_METRICS,
 ) -> str:
-  """Registers the embedded string-reversal task (byte vocabulary); returns ``name``."""
+  """Registers the embedded string-reversal task (byte vocabulary); returns ``name``.
+
+  Its ``'validation'`` split (other seed than ``'train'``) is what eval and infer read.
+  """
   for option, value in (('num_train', num_train), ('num_validation', num_validation)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f'{option} must be an int >= 1, got {value!r}.')
   data = {'train': synthetic_examples(num_train, seed=0),
           'validation': synthetic_examples(num_validation, seed=1)}
-  return _register(name, {split: (lambda ex=ex: ex) for split, ex in data.items()}, None)
+  return _register(name, {split: (lambda ex=ex: ex) for split, ex in data.items()}, None,
+                   check_metric_fns(metric_fns))

@@ -20,7 +20,8 @@ GIN_FILES = sorted(p.name for p in GIN_DIR.glob('*.gin'))
 T5X_AND_FLAXFORMER = [
     'optimizers.OptaxWrapper', 'adafactor.Adafactor', 'models.EncoderDecoderModel',
     'partitioning.PjitPartitioner', 'partitioning.standard_logical_axis_rules',
-    'utils.RestoreCheckpointConfig', 'dense_attention.MultiHeadDotProductAttention',
+    'utils.RestoreCheckpointConfig', 'utils.DatasetConfig',
+    'dense_attention.MultiHeadDotProductAttention',
     'dense.MlpBlock', 'lora_dense.LoraDenseGeneral', 'seqio.ByteVocabulary',
     'trainer.Trainer', 'diagnostics.LoraRiteMetrics',
 ]
@@ -126,3 +127,89 @@ def test_gin_dir_is_the_checkout_gin_folder():
   import t5x_configs
 
   assert pathlib.Path(t5x_configs.gin_dir()) == GIN_DIR
+
+
+class _Ref(str):
+  """An @reference or %macro, kept as text."""
+
+
+class _KeepReferences(gin.config_parser.ParserDelegate):
+
+  def configurable_reference(self, scoped_name, evaluate):
+    return _Ref(f'@{scoped_name}()' if evaluate else f'@{scoped_name}')
+
+  def macro(self, macro_name):
+    return _Ref(f'%{macro_name}')
+
+
+def _statements(name):
+  """``{selector or selector.arg: value}`` of a gin file and its includes in gin/, later wins."""
+  out = {}
+  with open(GIN_DIR / name) as f:
+    for st in gin.config_parser.ConfigParser(f, _KeepReferences()):
+      if isinstance(st, gin.config_parser.IncludeStatement):
+        out.update(_statements(st.filename))
+      elif isinstance(st, gin.config_parser.BindingStatement):
+        selector = f'{st.scope}/{st.selector}' if st.scope else st.selector
+        out[f'{selector}.{st.arg_name}' if st.arg_name else selector] = st.value
+  return out
+
+
+LORA_FACTORY = 'dense.MlpBlock.dense_general_factory'
+RESTORE_MAP = 'utils.RestoreCheckpointConfig.assignment_map'
+EVAL_INFER = {  # file: whether it builds the LoRA model
+    'tiny_eval_cpu.gin': False, 'tiny_lora_eval_cpu.gin': True,
+    'tiny_infer_cpu.gin': False, 'tiny_lora_infer_cpu.gin': True,
+    'mt5_xxl_eval.gin': False, 'mt5_xxl_lora_eval.gin': True,
+    'mt5_xxl_infer.gin': False, 'mt5_xxl_lora_infer.gin': True,
+}
+
+
+@pytest.mark.parametrize('name, with_lora', sorted(EVAL_INFER.items()))
+def test_eval_and_infer_restore_checkpoints_as_saved(name, with_lora):
+  # The training restore map drops factors and optimizer state and needs fallback_to_scratch
+  # (an init_rng that t5x.infer does not have): eval/infer must not inherit it.
+  st = _statements(name)
+  assert RESTORE_MAP not in st and 'utils.RestoreCheckpointConfig.fallback_to_scratch' not in st
+  assert st['utils.DatasetConfig.split'] == 'validation'
+  assert (st.get(LORA_FACTORY) == '@lora_dense.LoraDenseGeneral') is with_lora
+  if name.startswith('tiny'):
+    assert st['OPTIMIZER'] is None  # an InferenceState: no optimizer to build
+    assert st['MIXTURE_OR_TASK_NAME'] == '@tasks.register_synthetic_task()'
+  else:
+    files = st['tasks.register_text_task.split_files']
+    assert list(files) == ['validation'] and files['validation'] in ('%EVAL_FILES', '%INFER_FILES')
+    assert st['partitioning.PjitPartitioner.num_partitions'] == 16
+
+
+@pytest.mark.parametrize('finetune, evaluate', [
+    ('tiny_lora_rite_cpu.gin', 'tiny_lora_eval_cpu.gin'),
+    ('tiny_lora_adam_cpu.gin', 'tiny_lora_infer_cpu.gin'),
+    ('mt5_xxl_lora_rite_finetune.gin', 'mt5_xxl_lora_eval.gin'),
+    ('mt5_xxl_lora_adam_finetune.gin', 'mt5_xxl_lora_infer.gin'),
+])
+def test_eval_infer_build_the_fine_tuned_lora_model(finetune, evaluate):
+  train, ev = _statements(finetune), _statements(evaluate)
+  assert train[RESTORE_MAP] == (('.*/lora_[ab]', None), ('state/param_states.*', None))
+  for macro in ('LORA_RANK', 'LORA_ALPHA', 'LORA_TARGETS', 'LORA_A_INIT'):
+    assert ev[macro] == train[macro], macro
+
+
+def test_tiny_adam_twin_differs_from_lora_rite_only_in_the_optimizer():
+  rite, adam = _statements('tiny_lora_rite_cpu.gin'), _statements('tiny_lora_adam_cpu.gin')
+  assert rite['labels.freeze_base.tx'] == '@rite_optax.lora_rite()'
+  assert adam['labels.freeze_base.tx'] == '@optax.adamw()'
+  optimizer_only = lambda k: k.startswith(('rite_optax.', 'optax.adamw', 'labels.freeze_base.tx'))
+  shared = lambda st: {k: v for k, v in st.items() if not optimizer_only(k)}
+  assert shared(rite) == shared(adam)
+  assert rite['LEARNING_RATE'] == 1e-2 and rite['EVAL_PERIOD'] == 20
+  # The periodic eval decodes as far as t5x.eval / t5x.infer do, so their predictions agree.
+  assert rite['infer_eval/utils.DatasetConfig.task_feature_lengths'] == '%TASK_FEATURE_LENGTHS'
+
+
+def test_tiny_adam_twin_from_gin_equals_python(parse):
+  parse('tiny_lora_adam_cpu.gin')
+  python_tx = labels.freeze_base(optax.adamw(
+      optax.warmup_cosine_decay_schedule(0.0, 1e-2, 0, 1000, 0.0), eps=1e-8, weight_decay=0.0))
+  (p_gin, s_gin), (p_py, s_py) = _run(_macro('OPTAX_TX')), _run(python_tx)
+  jax.tree.map(np.testing.assert_array_equal, (p_gin, s_gin), (p_py, s_py))

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import rite_optax
-from t5x_configs import labels, lora, partition_rules, tasks
+from t5x_configs import labels, lora, metrics, partition_rules, tasks
 
 RESHAPED = {'heads * kv': 'joined_kv'}
 
@@ -166,8 +166,12 @@ def test_bad_data_files_name_file_line_and_option(tmp_path, name, text, kwargs, 
 
 def test_split_files_checked(tmp_path):
   (tmp_path / 't.jsonl').write_text('')
-  with pytest.raises(ValueError, match="split_files.*'train'"):
-    tasks.check_split_files({'validation': str(tmp_path / 't.jsonl')})
+  for bad in ({}, 'train.jsonl', ['train.jsonl']):
+    with pytest.raises(ValueError, match='split_files must map split names'):
+      tasks.check_split_files(bad)
+  # Eval and infer read one split; no 'train' needed.
+  assert tasks.check_split_files({'validation': str(tmp_path / 't.jsonl')}) == {
+      'validation': [str(tmp_path / 't.jsonl')]}
   with pytest.raises(ValueError, match=r"split_files\['validation'\]: no such file"):
     tasks.check_split_files({'train': str(tmp_path / 't.jsonl'), 'validation': ['/nope.jsonl']})
   assert tasks.check_split_files({'train': str(tmp_path / 't.jsonl')}) == {
@@ -188,6 +192,23 @@ def test_seqio_registration(tmp_path):
   ds = seqio.get_mixture_or_task(name).get_dataset(None, split='train', shuffle=False)
   (ex,) = list(ds.as_numpy_iterator())
   assert bytes(ex['targets_pretokenized']) == b'cba'
+  # What T5X's evaluator calls: the postprocessor on targets and outputs, then the metrics.
+  task = seqio.get_mixture_or_task(name)
+  assert task.predict_metric_fns == [metrics.exact_match, metrics.rouge_l]
+  assert task.postprocess_fn(ex['targets_pretokenized'], example=ex, is_target=True) == 'cba'
+  custom = tasks.register_text_task(name, {'train': str(tmp_path / 'tr.tsv')},
+                                    metric_fns=[metrics.rouge_l])
+  assert seqio.get_mixture_or_task(custom).predict_metric_fns == [metrics.rouge_l]
+
+
+@pytest.mark.parametrize('metric_fns', ['exact_match', [metrics.exact_match, 'rouge_l'], 3])
+def test_bad_metric_fns_are_named(tmp_path, metric_fns):
+  (tmp_path / 'tr.tsv').write_text('abc\tcba\n')
+  with pytest.raises(ValueError, match='metric_fns'):
+    tasks.register_text_task('t5x_configs_bad', {'train': str(tmp_path / 'tr.tsv')},
+                             metric_fns=metric_fns)
+  with pytest.raises(ValueError, match='metric_fns'):
+    tasks.register_synthetic_task(metric_fns=metric_fns)
 
 
 # mT5-XXL (flaxformer mt5_xxl.gin): 24+24 layers, embed 4096, 64 heads × 64, mlp 10240,

@@ -27,14 +27,13 @@ def _flaxformer_gin_root() -> str:
   pytest.skip(f'{MT5_XXL_GIN} not found; set FLAXFORMER_GIN_ROOT to a flaxformer checkout.')
 
 
-def test_mt5_xxl_lora_param_tree():
+def _abstract_params(gin_file, bindings):
+  """``{path: ShapeDtypeStruct}`` of the mT5-XXL that flaxformer's gin + ``gin_file`` build."""
   gin.clear_config(clear_constants=True)
   try:
     gin.add_config_file_search_path(str(GIN_DIR))
     gin.add_config_file_search_path(_flaxformer_gin_root())
-    gin.parse_config_files_and_bindings(
-        [MT5_XXL_GIN, 'mt5_xxl_lora_rite_finetune.gin'],
-        ["TRAIN_FILES='t.jsonl'", "VALIDATION_FILES='v.jsonl'"], finalize_config=False)
+    gin.parse_config_files_and_bindings([MT5_XXL_GIN, gin_file], bindings, finalize_config=False)
     module = gin.query_parameter('%ARCHITECTURE').scoped_configurable_fn()
     tokens = lambda: jnp.ones((1, 8), jnp.int32)
     # Sub-module factories read gin when called: build inside the config.
@@ -42,8 +41,13 @@ def test_mt5_xxl_lora_param_tree():
         jax.random.key(0), tokens(), tokens(), tokens(), enable_dropout=False))
   finally:
     gin.clear_config(clear_constants=True)
-  flat = {'/'.join(k.key for k in path): leaf
+  return {'/'.join(k.key for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(variables['params'])[0]}
+
+
+def test_mt5_xxl_lora_param_tree():
+  flat = _abstract_params('mt5_xxl_lora_rite_finetune.gin',
+                          ["TRAIN_FILES='t.jsonl'", "VALIDATION_FILES='v.jsonl'"])
   factors = {k: v for k, v in flat.items() if k.endswith(('lora_a', 'lora_b'))}
   assert len(factors) == 864
   assert sum(int(np.prod(v.shape)) for v in factors.values()) == 70_778_880
@@ -52,3 +56,13 @@ def test_mt5_xxl_lora_param_tree():
   # Base kernels keep their public-checkpoint shapes.
   assert flat['encoder/layers_0/attention/query/kernel'].shape == (4096, 4096)
   assert flat['decoder/layers_0/mlp/wo/kernel'].shape == (10240, 4096)
+
+
+@pytest.mark.parametrize('gin_file, binding, num_factors', [
+    ('mt5_xxl_lora_eval.gin', "EVAL_FILES='e.jsonl'", 864),
+    ('mt5_xxl_infer.gin', "INFER_FILES='i.jsonl'", 0),
+])
+def test_mt5_xxl_eval_infer_build_the_trained_or_merged_tree(gin_file, binding, num_factors):
+  flat = _abstract_params(gin_file, [binding])
+  assert sum(k.endswith(('lora_a', 'lora_b')) for k in flat) == num_factors
+  assert flat['encoder/layers_0/attention/query/kernel'].shape == (4096, 4096)

@@ -1,55 +1,25 @@
-"""Real ``python -m t5x.train`` runs of gin/tiny_*_cpu.gin on 2 simulated CPU devices.
+"""Real ``python -m t5x.train`` runs of gin/tiny_*_cpu.gin on 2 simulated CPU devices (the
+session's ``runs`` fixture in tests/t5x/conftest.py): LoRA-only training and resume.
 
-Skipped without t5x, flaxformer and seqio. flaxformer's gin files are looked up
-next to the installed package or under ``$FLAXFORMER_GIN_ROOT`` (a flaxformer
-source checkout: the folder that contains ``flaxformer/``).
+Skipped without t5x, flaxformer and seqio.
 """
 
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 pytest.importorskip('t5x')
-flaxformer = pytest.importorskip('flaxformer')
+pytest.importorskip('flaxformer')
 pytest.importorskip('seqio')
 
 import jax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
+from tests.t5x.conftest import BASE_STEPS  # noqa: E402
+
 pytestmark = pytest.mark.t5x
-
-GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / 'gin'
-ARCHITECTURE_GIN = 'flaxformer/t5x/configs/t5/architectures/t5_1_1_flaxformer.gin'
-BASE_STEPS = 20
-
-
-def _flaxformer_gin_root() -> str:
-  candidates = [os.environ.get('FLAXFORMER_GIN_ROOT', ''),
-                str(pathlib.Path(flaxformer.__file__).resolve().parents[1])]
-  for root in candidates:
-    if root and (pathlib.Path(root) / ARCHITECTURE_GIN).exists():
-      return root
-  pytest.skip(f'{ARCHITECTURE_GIN} not found; set FLAXFORMER_GIN_ROOT to a flaxformer checkout.')
-
-
-def _train(run_gin: str, gin_file: str, model_dir: pathlib.Path, *bindings: str) -> str:
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  cmd = [sys.executable, '-m', 't5x.train',
-         f'--gin_search_paths={GIN_DIR},{_flaxformer_gin_root()}',
-         f'--gin_file=t5x/configs/runs/{run_gin}', f'--gin_file={ARCHITECTURE_GIN}',
-         f'--gin_file={gin_file}',
-         f"--gin.MODEL_DIR='{model_dir}'", '--gin.utils.SaveCheckpointConfig.period=20',
-         *[f'--gin.{b}' for b in bindings], '--alsologtostderr']
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-  log = proc.stdout + proc.stderr
-  assert proc.returncode == 0, log[-6000:]
-  return log
 
 
 def _train_metric(log: str, name: str) -> dict[int, float]:
@@ -77,18 +47,6 @@ def _state(ckpt: pathlib.Path) -> dict[str, np.ndarray]:
 def _params(ckpt: pathlib.Path) -> dict[str, np.ndarray]:
   return {k.removeprefix('target/'): v for k, v in _state(ckpt).items()
           if k.startswith('target/')}
-
-
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp('t5x')
-  logs = {'base': _train('pretrain.gin', 'tiny_base_cpu.gin', root / 'base')}
-  init = f"INITIAL_CHECKPOINT_PATH='{root / 'base' / f'checkpoint_{BASE_STEPS}'}'"
-  logs['lora'] = _train('finetune.gin', 'tiny_lora_rite_cpu.gin', root / 'lora', init,
-                        'TRAIN_STEPS=60')
-  logs['resume'] = _train('finetune.gin', 'tiny_lora_rite_cpu.gin', root / 'lora', init,
-                          'TRAIN_STEPS=100')
-  return root, logs
 
 
 def test_finetune_from_lora_free_checkpoint_trains_only_lora(runs):
