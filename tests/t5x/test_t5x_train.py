@@ -94,3 +94,18 @@ def test_resume_continues_from_checkpoint(runs):
       assert not np.array_equal(v, at_60[k]), k
   base_acc = _train_metric(logs['base'], 'accuracy')[BASE_STEPS]
   assert _train_metric(logs['resume'], 'accuracy')[100] > base_acc, logs['resume'][-3000:]
+
+
+def test_lora_rite_diagnostics_are_logged_with_the_training_metrics(runs):
+  """gin/lora_rite.gin makes T5X log rite_optax.diagnostics as lora_rite/<name>."""
+  _, logs = runs
+  steps = _train_metric(logs['lora'], 'lora_rite/step')
+  assert steps and steps[max(steps)] == max(steps) - BASE_STEPS, steps  # steps since the base
+  assert set(_train_metric(logs['resume'], 'lora_rite/step')) == {80, 100}
+  for name in ('skipped_steps', 'skipped_factors', 'skipped_factors_total', 'grad_norm',
+               'clip_scale'):
+    assert _train_metric(logs['lora'], f'lora_rite/{name}'), name
+  # A per-token mean loss: update skipping leaves the factors alone, the norm is real.
+  assert max(_train_metric(logs['lora'], 'lora_rite/skipped_factors_total').values()) == 0
+  assert min(_train_metric(logs['lora'], 'lora_rite/grad_norm').values()) > 0
+  assert all(0 < c <= 1 for c in _train_metric(logs['lora'], 'lora_rite/clip_scale').values())
