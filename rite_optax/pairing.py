@@ -446,6 +446,32 @@ def layout_warning(pair: FactorPair) -> str | None:
       ' rule with explicit rank axes).')
 
 
+def _checked_pair(key: str, a: FactorView, b: FactorView) -> FactorPair:
+  """The pair of ``a`` and ``b``, or an error naming both paths; warns on a suspect layout."""
+  if a.rank != b.rank:
+    raise ValueError(
+        f'{a.path} and {b.path}: rank mismatch, {a.rank} (axis'
+        f' {a.rank_axis} of {a.shape}) vs {b.rank} (axis {b.rank_axis} of'
+        f' {b.shape}).'
+    )
+  if a.rank == 0:
+    raise ValueError(f'{a.path} and {b.path}: rank 0 (shapes {a.shape}, {b.shape}).')
+  if a.batch_shape != b.batch_shape:
+    raise ValueError(
+        f'{a.path} and {b.path}: batch axes differ in size,'
+        f' {a.batch_shape} vs {b.batch_shape}.'
+    )
+  if a.dtype != b.dtype:
+    raise TypeError(
+        f'{a.path} and {b.path}: factors of one adapter must share a dtype,'
+        f' got {a.dtype} and {b.dtype}.'
+    )
+  pair = FactorPair(key, a, b)
+  if (suspect := layout_warning(pair)):
+    warnings.warn(suspect, stacklevel=3)
+  return pair
+
+
 def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
   """Finds the LoRA factor pairs of a param tree.
 
@@ -504,28 +530,7 @@ def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
           f' {key!r}, pairing {pairing.name!r}). If its partner is frozen or'
           ' masked, freeze or mask both factors.'
       )
-    a, b = slot['a'], slot['b']
-    if a.rank != b.rank:
-      raise ValueError(
-          f'{a.path} and {b.path}: rank mismatch, {a.rank} (axis'
-          f' {a.rank_axis} of {a.shape}) vs {b.rank} (axis {b.rank_axis} of'
-          f' {b.shape}).'
-      )
-    if a.rank == 0:
-      raise ValueError(f'{a.path} and {b.path}: rank 0 (shapes {a.shape}, {b.shape}).')
-    if a.batch_shape != b.batch_shape:
-      raise ValueError(
-          f'{a.path} and {b.path}: batch axes differ in size,'
-          f' {a.batch_shape} vs {b.batch_shape}.'
-      )
-    if a.dtype != b.dtype:
-      raise TypeError(
-          f'{a.path} and {b.path}: factors of one adapter must share a dtype,'
-          f' got {a.dtype} and {b.dtype}.'
-      )
-    pair = FactorPair(key, a, b)
-    if (suspect := layout_warning(pair)):
-      warnings.warn(suspect, stacklevel=2)
+    pair = _checked_pair(key, slot['a'], slot['b'])
     pairs.append(pair)
   pairs.sort(key=lambda p: p.a.index)
   return PairedTree(tuple(pairs), tuple(unpaired), tuple(paths))
