@@ -284,20 +284,24 @@ def escaped_mass(
 def inverse_root(
     v_eigh: tuple[jax.Array, jax.Array], rho: jax.Array, eps: jax.Array, relative_eps: bool
 ) -> jax.Array:
-  """Q diag(1/(sqrt(λ + ρ) + ε)) Qᵀ for V = QΛQᵀ, λ clamped at 0.
+  """Q diag(w) Qᵀ for V = QΛQᵀ (λ clamped at 0), w = 1/(sqrt(λ + ρ) + ε).
+
+  Eigen-directions at rounding level, λ ≤ eps_dtype·λ_max, are exactly null
+  (w = 0): in exact arithmetic ḡ has no component there, and in float32 what it
+  has is rounding noise that 1/(√λ + ε) would blow up into a step
+  (docs/algorithm.md §6.5). Where V = 0 (a skipped adapter, or the ``lora_a``
+  side at LoRA init) every direction is null, so even ``eps = 0`` is finite.
 
   With ``relative_eps`` the ε is ``eps·sqrt(λ_max)``: relative to the largest
   singular value of the unmagnified gradient statistics, so that the update is
-  invariant to the scale of the loss. Where V = 0 (a skipped adapter, or the
-  ``lora_a`` side at LoRA init) ḡ is zero too and the plain ``eps`` keeps the
-  preconditioner finite.
+  invariant to the scale of the loss.
   """
   lam, q = v_eigh
   lam = jnp.maximum(lam, 0.0)
   lam_max = jnp.max(lam, axis=-1, keepdims=True)
   if relative_eps:
     eps = jnp.where(lam_max > 0, eps * jnp.sqrt(lam_max), eps)
-  null = lam <= lam.shape[-1] * jnp.finfo(lam.dtype).eps * lam_max
+  null = lam <= jnp.finfo(lam.dtype).eps * lam_max
   scale = jnp.where(null, 0.0, 1.0 / (jnp.sqrt(lam + rho[:, None]) + eps))
   return symmetrize(_mm('brs,bs,bts->brt', q, scale, q))
 

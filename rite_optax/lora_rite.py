@@ -52,14 +52,15 @@ class ScaleByLoraRiteState(NamedTuple):
   (1 when the norm was within ``clip_unmagnified_grad``)."""
 
 
-def _check_number(name: str, value: Any, low: float, high: float | None = None):
-  """Validates Python numbers: finite and in range. Arrays (``inject_hyperparams``)
-  pass through, as their values may be traced."""
+def _check_number(
+    name: str, value: Any, low: float, high: float | None = None, infinite_ok: bool = False):
+  """Validates Python numbers: in range, never NaN, finite unless ``infinite_ok``.
+  Arrays (``inject_hyperparams``) pass through, as their values may be traced."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     if isinstance(value, (jax.Array, jnp.ndarray)) or hasattr(value, 'dtype'):
       return
     raise TypeError(f'{name} must be a real number, got {value!r}.')
-  if not math.isfinite(value):
+  if math.isnan(value) or (math.isinf(value) and not infinite_ok):
     raise ValueError(f'{name} must be finite, got {value!r}.')
   if value < low or (high is not None and value >= high):
     bounds = f'[{low}, {high})' if high is not None else f'>= {low}'
@@ -209,15 +210,15 @@ def scale_by_lora_rite(
     b1: first-moment decay (bias-corrected as in Adafactor).
     b2: second-moment decay (bias-corrected as in Adafactor).
     eps: added to the root of the second moment's eigenvalues. ``0`` is safe:
-      eigen-directions of the second moment at rounding level (λ ≤ r·eps·λ_max
-      of its dtype) get no step whatever ``eps`` is (docs/algorithm.md §6.5).
+      eigen-directions of the second moment at rounding level (λ ≤ eps·λ_max of
+      its dtype) get no step whatever ``eps`` is (docs/algorithm.md §6.5).
     relative_eps: scale ``eps`` by ``sqrt(λ_max)`` of each second moment.
     clip_unmagnified_grad: clip the global norm of all unmagnified gradients to
-      this value; ``<= 0`` disables.
+      this value; ``<= 0`` or ``inf`` disables.
     update_skipping: zero an adapter's unmagnified gradient when its RMS exceeds
-      this value; ``<= 0`` disables.
+      this value; ``<= 0`` or ``inf`` disables.
     update_capping: cap the RMS of each first moment at this value before it is
-      applied; ``<= 0`` disables.
+      applied; ``<= 0`` or ``inf`` disables.
     weight_decay: adds ``weight_decay·factor`` to each factor's update, outside
       the preconditioner (docs/algorithm.md step 11).
     apply_escape: add the paper's escaped mass to the second moment's
@@ -248,14 +249,15 @@ def _scale_by_lora_rite(
   _check_number('b1', b1, 0.0, 1.0)
   _check_number('b2', b2, 0.0, 1.0)
   _check_number('eps', eps, 0.0)
-  _check_number('clip_unmagnified_grad', clip_unmagnified_grad, -float('inf'))
-  _check_number('update_skipping', update_skipping, -float('inf'))
-  _check_number('update_capping', update_capping, -float('inf'))
+  # Thresholds: <= 0 and +inf both switch the feature off.
+  _check_number('clip_unmagnified_grad', clip_unmagnified_grad, -float('inf'), infinite_ok=True)
+  _check_number('update_skipping', update_skipping, -float('inf'), infinite_ok=True)
+  _check_number('update_capping', update_capping, -float('inf'), infinite_ok=True)
   _check_number('weight_decay', weight_decay, 0.0)
   _check_bool('relative_eps', relative_eps)
   _check_bool('apply_escape', apply_escape)
   pairing = pairing_lib.resolve(pairing)
-  capping_off = isinstance(update_capping, numbers.Real) and update_capping <= 0
+  capping_off = isinstance(update_capping, numbers.Real) and not 0 < update_capping < math.inf
 
   def init_fn(params):
     paired = _paired_or_raise(params, pairing)
@@ -577,7 +579,7 @@ def lora_rite(
       factor_labels(pairing, unpaired))
   if balance_factors:
     tx = optax.chain(tx, balance_lora_factors(pairing))
-  return _skip_whole_step(tx, pairing)
+  return _skip_whole_step(tx, pairing, check_unpaired=unpaired == 'adamw')
 
 
 def _rite_states(state: Any) -> list[ScaleByLoraRiteState]:
@@ -626,7 +628,7 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
 
 
 def _skip_whole_step(
-    inner: optax.GradientTransformation, pairing: pairing_lib.Pairing
+    inner: optax.GradientTransformation, pairing: pairing_lib.Pairing, check_unpaired: bool
 ) -> optax.GradientTransformationExtraArgs:
   """Skips ``inner``'s whole step when any gradient is not finite.
 
@@ -636,8 +638,10 @@ def _skip_whole_step(
   every inner state (the fallback's moments, the schedule's count) as it was,
   except LoRA-RITE's ``skipped``, which counts it. The factors' finiteness is
   read from the LoRA-RITE step itself (its ``skipped`` moved), so only the other
-  leaves' gradients are checked again here. Updates come back in the params'
-  dtypes, whatever the gradients' dtypes.
+  leaves' gradients are checked here, and only when ``check_unpaired`` (they are
+  applied: with ``unpaired='zero'`` they are discarded, and checking them would
+  make XLA compute the frozen weights' gradients). Updates come back in the
+  params' dtypes, whatever the gradients' dtypes.
   """
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -647,7 +651,7 @@ def _skip_whole_step(
     grads = jax.tree.leaves(updates)
     others_finite = jnp.array(True)
     for i, g in enumerate(grads):
-      if i not in paired.factor_indices:
+      if check_unpaired and i not in paired.factor_indices:
         others_finite &= jnp.all(jnp.isfinite(g))
     new_updates, new_state = inner.update(updates, state, params, **extra_args)
     (old_rite,), (new_rite,) = _rite_states(state), _rite_states(new_state)

@@ -430,18 +430,19 @@ def _factor_view(
 def layout_warning(pair: FactorPair) -> str | None:
   """Why a pair's layout looks misread, or ``None``.
 
-  A LoRA rank above a factor's row count is almost always a transposed layout
-  read with the wrong rank axis: a torch/PEFT tree ``lora_a (r, in)``,
+  A LoRA rank above the row counts of both factors is almost always a transposed
+  layout read with the wrong rank axis: a torch/PEFT tree ``lora_a (r, in)``,
   ``lora_b (out, r)`` with ``in == out`` pairs under the ``nnx`` convention with
-  "rank" ``in`` and r rows. Shapes alone cannot tell, so this warns (in
+  "rank" ``in`` and r rows on both sides. (One narrow side is legitimate: a router
+  with 8 outputs adapted at r = 16.) Shapes alone cannot tell, so this warns (in
   :func:`pair_leaves` and :func:`describe`) rather than guess.
   """
   a, b = pair.a, pair.b
-  if a.rank <= min(a.rows, b.rows):
+  if a.rank <= max(a.rows, b.rows):
     return None
   return (
       f'{a.path} {a.shape} and {b.path} {b.shape}: rank {a.rank} is larger than the'
-      f' rows of a factor ({a.rows} and {b.rows}); the layout may be transposed (torch/PEFT'
+      f' rows of both factors ({a.rows} and {b.rows}); the layout may be transposed (torch/PEFT'
       " stores lora_A (r, in) and lora_B (out, r): use pairing='peft', or a rite_optax.regex"
       ' rule with explicit rank axes).')
 

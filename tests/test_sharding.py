@@ -110,6 +110,12 @@ def rite_state(state):
   return rite
 
 
+def fallback_state(state):
+  """The AdamW fallback's state and every schedule count: basis-free as they are."""
+  is_adam = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByScheduleState))
+  return [x for x in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(x)]
+
+
 @jax.jit
 def z_space(state):
   """The state as seen in Z-space, free of the orthonormal basis' gauge.
@@ -117,10 +123,13 @@ def z_space(state):
   Bases from the eigh of an r×r Gram matrix are unique only up to an r×r
   rotation that float32 rounding moves (docs/algorithm.md: any orthonormal basis
   gives the same updates), so moments are compared as ``M_A U_Bᵀ`` and ``U_B V_A U_Bᵀ``,
-  which are basis-free, as are ``count``, ``skipped`` and ``ρ``.
+  which are basis-free, as are ``count``, ``skipped``, ``ρ``, the diagnostics, the
+  fallback's moments and the schedule counts.
   """
   rite = rite_state(state)
-  out = {'count': rite.count, 'skipped': rite.skipped, 'rho': rite.escaped_mass}
+  out = {'count': rite.count, 'skipped': rite.skipped, 'rho': rite.escaped_mass,
+         'skipped_factors': rite.skipped_factors, 'grad_norm': rite.grad_norm,
+         'clip_scale': rite.clip_scale, 'fallback': fallback_state(state)}
   for name in ('q', 'v', 'scan'):
     m, u, v = (getattr(rite, f)[name] for f in ('first_moment', 'basis', 'second_moment'))
     u_a, u_b = u['lora_a'], jnp.swapaxes(u['lora_b'], -1, -2)  # (.., rows, r)
