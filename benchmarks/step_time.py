@@ -64,6 +64,23 @@ class Workload:
     return rite_optax.nnx(batch_axes=(0,) if self.scanned else ())
 
 
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+  """``pairs`` adapters of one shape, ``lora_a (rows, rank)`` and ``lora_b (rank, rows)``:
+  many small leaves, where compile time rather than bandwidth dominates."""
+
+  pairs: int
+  rows: int
+  rank: int
+  scanned: bool = False
+
+  def shapes(self) -> list[tuple[int, int]]:
+    return [(self.rows, self.rows)] * self.pairs
+
+  def pairing(self) -> rite_optax.Pairing:
+    return rite_optax.nnx()
+
+
 MT5_XXL = dict(d_model=4096, d_attn=4096, d_ff=10240, layers=24)
 MT5_BASE = dict(d_model=768, d_attn=768, d_ff=2048, layers=12)
 WORKLOADS = {
@@ -73,10 +90,11 @@ WORKLOADS = {
     'xxl_attn_mlp_r16': Workload(**MT5_XXL, rank=16, mlp=True),
     'base_attn_mlp_r16': Workload(**MT5_BASE, rank=16, mlp=True),
     'xxl_attn_r16_scanned': Workload(**MT5_XXL, rank=16, mlp=False, scanned=True),
+    'pairs200_64x8': Uniform(pairs=200, rows=64, rank=8),
 }
 
 
-def make_params(workload: Workload, seed: int = 0):
+def make_params(workload: Workload | Uniform, seed: int = 0):
   """LoRA factors in the nnx layout, both non-zero (a mid-training state).
 
   One leaf pair per projection, or, for ``scanned`` workloads, one per

@@ -1,14 +1,13 @@
 """LoRA-RITE as optax transformations: ``scale_by_lora_rite`` and ``lora_rite``.
 
-The transformation pairs the LoRA factors of a param tree (:mod:`.pairing`),
-stacks adapters of equal canonical shape so that their r×r linear algebra runs
-as one batched call, applies the per-side math of :mod:`.factor_math`, and
-scatters the results back into params-structured updates and state.
+The transformations validate their options, pair the LoRA factors of a param
+tree (:mod:`.pairing`), and hand the step to :mod:`.engine`, which runs the
+math of :mod:`.core` over groups of same-shape adapters. Here live the state,
+the whole-step skip of :func:`lora_rite`, and :func:`diagnostics`.
 """
 
 from __future__ import annotations
 
-import collections
 import math
 import numbers
 from collections.abc import Callable
@@ -16,11 +15,19 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from rite_optax import core, engine
 from rite_optax import factor_math as fm
 from rite_optax import pairing as pairing_lib
+
+# The extra argument by which lora_rite tells scale_by_lora_rite whether the
+# gradients of the other (fallback) leaves are finite: both skip the step together.
+_OTHERS_FINITE = 'lora_rite_others_finite'
+
+# engine.Leaves field <- ScaleByLoraRiteState field, for the params-structured state.
+_STATE_FIELDS = (('moments', 'first_moment'), ('bases', 'basis'),
+                 ('seconds', 'second_moment'), ('escapes', 'escaped_mass'))
 
 
 class ScaleByLoraRiteState(NamedTuple):
@@ -95,80 +102,9 @@ def _paired_or_raise(params: Any, pairing: pairing_lib.Pairing) -> Any:
   return paired
 
 
-def _layout(view: pairing_lib.FactorView):
-  """How a factor is laid out for computation, with no transpose when possible.
-
-  ``lora_a (m, r)`` is used as stored, rows-major ``(batch, rows, r)``;
-  ``lora_b (r, n)`` too, rank-major ``(batch, r, rows)``. Only factors whose
-  rank axis sits between row axes (or whose batch axes are not leading) pay a
-  transpose.
-
-  Returns:
-    ``(axis permutation, compute shape, rank_major)``.
-  """
-  rows = [ax for ax in range(len(view.shape))
-          if ax != view.rank_axis and ax not in view.batch_axes]
-  batch, n, r = view.canonical_shape
-  if all(view.rank_axis < ax for ax in rows):
-    return (*view.batch_axes, view.rank_axis, *rows), (batch, r, n), True
-  return (*view.batch_axes, *rows, view.rank_axis), (batch, n, r), False
-
-
-def _to_compute(view, leaf, dtype):
-  permutation, shape, _ = _layout(view)
-  return leaf.transpose(permutation).reshape(shape).astype(dtype)
-
-
-def _from_compute(view, x, dtype):
-  permutation, _, _ = _layout(view)
-  permuted = tuple(view.shape[ax] for ax in permutation)
-  return x.reshape(permuted).transpose(np.argsort(permutation)).astype(dtype)
-
-
-class _Side:
-  """One role (``a`` or ``b``) of a stack of same-shape adapters.
-
-  Factor-sized arrays stay one piece per factor, in their stored layout
-  (``rank_major`` for ``lora_b``): concatenating them would copy every factor
-  into a temporary, which costs more than the thin products themselves. Their
-  r×r statistics and per-adapter state leaves are stacked along the batch axis,
-  so the small linear algebra of the whole stack is one batched call.
-  """
-
-  def __init__(self, views, dtype):
-    self.views = views
-    self.dtype = dtype
-    self.rank_major = _layout(views[0])[2]
-    self.rows = views[0].rows
-
-  def gather(self, leaves):
-    """Factor-shaped leaves -> one ``(batch_i, ...)`` compute-layout piece each."""
-    return [_to_compute(v, leaves[v.index], self.dtype) for v in self.views]
-
-  def gather_stats(self, leaves):
-    """``(*batch, ...)`` state leaves -> one ``(B, ...)`` stack."""
-    return fm.stack([
-        leaves[v.index].reshape((v.canonical_shape[0], *leaves[v.index].shape[len(v.batch_axes):]))
-        .astype(self.dtype) for v in self.views])
-
-
 def _state_dtype(pairs) -> jnp.dtype:
   """The dtype of the state's scalar diagnostics: the widest compute dtype."""
   return jnp.result_type(jnp.float32, *(fm.compute_dtype(p.a.dtype) for p in pairs))
-
-
-def _stacks(pairs):
-  """Adapters whose two factors have equal compute shapes, layouts and dtype."""
-  groups = collections.defaultdict(list)
-  for pair in pairs:
-    key = tuple(_layout(v)[1:] for v in (pair.a, pair.b)) + (fm.compute_dtype(pair.a.dtype),)
-    key = tuple((shape[1:], rank_major) for shape, rank_major in key[:2]) + key[2:]
-    groups[key].append(pair)
-  return [
-      {'a': _Side([p.a for p in group], fm.compute_dtype(group[0].a.dtype)),
-       'b': _Side([p.b for p in group], fm.compute_dtype(group[0].a.dtype))}
-      for group in groups.values()
-  ]
 
 
 def scale_by_lora_rite(
@@ -258,6 +194,11 @@ def _scale_by_lora_rite(
   _check_bool('apply_escape', apply_escape)
   pairing = pairing_lib.resolve(pairing)
   capping_off = isinstance(update_capping, numbers.Real) and not 0 < update_capping < math.inf
+  hyper = core.Hyper(
+      b1=b1, b2=b2, eps=eps, relative_eps=relative_eps,
+      clip_unmagnified_grad=clip_unmagnified_grad, update_skipping=update_skipping,
+      update_capping=None if capping_off else update_capping, weight_decay=weight_decay,
+      apply_escape=apply_escape)
 
   def init_fn(params):
     paired = _paired_or_raise(params, pairing)
@@ -286,133 +227,29 @@ def _scale_by_lora_rite(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
     if params is None:
       raise ValueError('scale_by_lora_rite needs params: call update(grads, state, params).')
+    others_finite = extra_args.get(_OTHERS_FINITE, jnp.array(True))
     paired = _paired_or_raise(params, pairing)
     grads, treedef = jax.tree.flatten(updates)
-    factors = jax.tree.leaves(params)
-    moments = treedef.flatten_up_to(state.first_moment)
-    bases = treedef.flatten_up_to(state.basis)
-    seconds = treedef.flatten_up_to(state.second_moment)
-    escapes = treedef.flatten_up_to(state.escaped_mass)
-
-    stacks = _stacks(paired.pairs)
-    sides = [side for stack in stacks for side in stack.values()]
-    partners = [(stack[role], stack[other]) for stack in stacks
-                for role, other in (('a', 'b'), ('b', 'a'))]
-
-    # Phase 1: bases, unmagnified gradients and their r×r Gram matrices. The
-    # global clipping norm and the finiteness check need all of them first.
-    for side in sides:
-      side.x, side.grad = side.gather(factors), side.gather(grads)
-      side.basis_prev = side.gather(bases)
-      side.gram = fm.grams(side.x, side.rank_major)
-      side.grad_gram = fm.grams(side.grad, side.rank_major)
-    for side, gram_eigh in zip(sides, fm.eigh_each([s.gram for s in sides]), strict=True):
-      side.basis, side.r_pinv = fm.orthonormal_bases(side.x, gram_eigh, side.rank_major)
-    for side, other in partners:
-      side.gbar_gram = fm.unmagnified_gram(side.grad_gram, other.r_pinv)
-
-    # Skipping, clipping and the finiteness check need only the r×r traces;
-    # their scalings are folded into r×r matrices below.
+    leaves = engine.Leaves(
+        factors=jax.tree.leaves(params), grads=grads,
+        **{name: treedef.flatten_up_to(getattr(state, field)) for name, field in _STATE_FIELDS})
     dtype = _state_dtype(paired.pairs)
-    total = lambda xs: sum((jnp.sum(x).astype(dtype) for x in xs), start=jnp.zeros([], dtype))
-    squared = [fm.squared_norm(s.gbar_gram) for s in sides]
-    finite = jnp.isfinite(total(squared))
-    kept = [fm.kept_by_skipping(sq, s.rows * s.gram.shape[-1], update_skipping)
-            for sq, s in zip(squared, sides, strict=True)]
-    grad_norm = jnp.sqrt(total(k * sq for k, sq in zip(kept, squared, strict=True)))
-    clip = jnp.asarray(clip_unmagnified_grad, dtype)
-    clip_scale = jnp.where(
-        (clip > 0) & (grad_norm > clip), clip / jnp.where(grad_norm > 0, grad_norm, 1.0), 1.0)
-    for side, k in zip(sides, kept, strict=True):
-      side.grad_scale = (k * clip_scale).astype(side.dtype)[:, None, None]
-    skipped_factors = sum((jnp.sum(k == 0).astype(jnp.int32) for k in kept),
-                          start=jnp.zeros([], jnp.int32))
-
-    # Phase 2: transport, moments, preconditioning, updates. A non-finite step
-    # (NaN/inf in any gradient) must leave the state as it was and return zero
-    # updates: the r×r inputs of eigh are kept finite, and every output is
-    # selected elementwise (a lax.cond would copy every factor-sized output).
-    count = state.count.astype(dtype)
-    for side, other in partners:
-      side.b1_hat = fm.bias_corrected_decay(count, jnp.asarray(b1, side.dtype)).astype(side.dtype)
-      side.b2_hat = fm.bias_corrected_decay(count, jnp.asarray(b2, side.dtype)).astype(side.dtype)
-      side.transport = fm.stack([
-          fm.basis_transport(u, u_prev, other.rank_major)
-          for u, u_prev in zip(other.basis, other.basis_prev, strict=True)])
-      side.v_old = side.gather_stats(seconds)
-      side.v_transported = fm.transported_second_moment(side.v_old, side.transport)
-      side.v_new = jnp.where(finite, fm.second_moment(
-          side.v_transported, side.gbar_gram * jnp.square(side.grad_scale), side.rows,
-          side.b2_hat), side.v_old)
-    to_decompose = [s.v_new for s in sides]
-    if apply_escape:
-      to_decompose += [s.v_old for s in sides] + [s.v_transported for s in sides]
-    decomposed = fm.eigh_each(to_decompose)
-    n = len(sides)
-
-    new_updates, new_moments, new_bases = list(grads), list(moments), list(bases)
-    new_seconds, new_escapes = list(seconds), list(escapes)
-    for i, (side, other) in enumerate(partners):
-      rho_old = side.gather_stats(escapes)
-      if apply_escape:
-        rho = side.b2_hat * (rho_old + fm.escaped_mass(
-            side.v_old, side.v_transported, decomposed[n + i][0], decomposed[2 * n + i][0]))
-      else:
-        rho = jnp.zeros(side.v_new.shape[:1], side.dtype)
-      inv_root = fm.inverse_root(
-          decomposed[i], rho, jnp.asarray(eps, side.dtype), relative_eps) * side.grad_scale
-      # S = ḡ V^-½ = ∇A (R_B⁺ V^-½): the unmagnified gradient is never formed.
-      precondition = fm.split_like(fm.matmul_small(other.r_pinv, inv_root), side.grad)
-      transport = fm.split_like(side.transport, side.grad)
-      m_old = side.gather(moments)
-      m_new = [
-          fm.first_moment(m, p, fm.precondition(g, k, side.rank_major), side.b1_hat,
-                          side.rank_major)
-          for m, p, g, k in zip(m_old, transport, side.grad, precondition, strict=True)]
-      if capping_off:  # no pass over M for its RMS
-        capped = jnp.ones(side.v_new.shape[:1], side.dtype)
-      else:
-        capped = fm.capping_scale_each(m_new, jnp.asarray(update_capping, side.dtype))
-      to_params = fm.split_like(other.r_pinv * capped[:, None, None], side.grad)
-      wd = jnp.asarray(weight_decay, side.dtype)
-      delta = [jnp.where(finite, fm.to_parameter_space(m, p, side.rank_major) + wd * x, 0.0)
-               for m, p, x in zip(m_new, to_params, side.x, strict=True)]
-      m_new = [jnp.where(finite, m, old) for m, old in zip(m_new, m_old, strict=True)]
-      # Each new basis is kept only where the transport that read its old one is
-      # finite (always, for finite params): that orders the read before the
-      # write, so the new basis overwrites the donated old one in place.
-      read_old = fm.split_like(other.transport, side.grad)
-      basis = [jnp.where(finite & jnp.isfinite(p[..., :1, :1]), u, old)
-               for u, old, p in zip(side.basis, side.basis_prev, read_old, strict=True)]
-      rho = jnp.where(finite, rho, rho_old)
-      pieces = zip(side.views, delta, m_new, basis, fm.split_like(side.v_new, side.grad),
-                   fm.split_like(rho, side.grad), strict=True)
-      for view, d, m, u, v, r in pieces:
-        k = view.index
-        new_updates[k] = _from_compute(
-            view, d, factors[k].dtype if updates_in_param_dtype else side.dtype)
-        new_moments[k] = _from_compute(view, m, moments[k].dtype)
-        new_bases[k] = _from_compute(view, u, bases[k].dtype)
-        new_seconds[k] = v.reshape(seconds[k].shape).astype(seconds[k].dtype)
-        new_escapes[k] = r.reshape(escapes[k].shape).astype(escapes[k].dtype)
-
+    out, scalars = engine.step(hyper, paired.pairs, leaves, state.count.astype(dtype), dtype,
+                               updates_in_param_dtype, others_finite)
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    finite = scalars.finite
     keep_old = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)
-    return unflatten(new_updates), ScaleByLoraRiteState(
+    return unflatten(out.factors), ScaleByLoraRiteState(
         count=state.count + finite.astype(state.count.dtype),
         skipped=state.skipped + (~finite).astype(state.skipped.dtype),
-        first_moment=unflatten(new_moments),
-        basis=unflatten(new_bases),
-        second_moment=unflatten(new_seconds),
-        escaped_mass=unflatten(new_escapes),
-        skipped_factors=keep_old(skipped_factors, state.skipped_factors),
+        **{field: unflatten(getattr(out, name)) for name, field in _STATE_FIELDS},
+        skipped_factors=keep_old(scalars.skipped_factors, state.skipped_factors),
         skipped_factors_total=keep_old(
-            state.skipped_factors_total + skipped_factors, state.skipped_factors_total),
-        grad_norm=keep_old(grad_norm, state.grad_norm),
-        clip_scale=keep_old(clip_scale, state.clip_scale),
+            state.skipped_factors_total + scalars.skipped_factors, state.skipped_factors_total),
+        grad_norm=keep_old(scalars.grad_norm, state.grad_norm),
+        clip_scale=keep_old(scalars.clip_scale, state.clip_scale),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -636,9 +473,11 @@ def _skip_whole_step(
   unmagnified gradient; here a non-finite gradient of any other leaf (a bias, a
   norm) skips the step too, and a skipped step leaves every update zero and
   every inner state (the fallback's moments, the schedule's count) as it was,
-  except LoRA-RITE's ``skipped``, which counts it. The factors' finiteness is
-  read from the LoRA-RITE step itself (its ``skipped`` moved), so only the other
-  leaves' gradients are checked here, and only when ``check_unpaired`` (they are
+  except LoRA-RITE's ``skipped``, which counts it. Only the other leaves'
+  gradients are checked here; LoRA-RITE is told the result (an extra argument)
+  and folds it into its own finiteness check, so that it keeps its factor-sized
+  state without a second select here, and the step's verdict is read back from
+  its ``skipped``. The other leaves are checked only when ``check_unpaired`` (they are
   applied: with ``unpaired='zero'`` they are discarded, and checking them would
   make XLA compute the frozen weights' gradients). Updates come back in the
   params' dtypes, whatever the gradients' dtypes.
@@ -648,22 +487,21 @@ def _skip_whole_step(
     if params is None:
       raise ValueError('lora_rite needs params: call update(grads, state, params).')
     paired = pairing_lib.pair_leaves(params, pairing)
-    grads = jax.tree.leaves(updates)
     others_finite = jnp.array(True)
-    for i, g in enumerate(grads):
+    for i, g in enumerate(jax.tree.leaves(updates)):
       if check_unpaired and i not in paired.factor_indices:
         others_finite &= jnp.all(jnp.isfinite(g))
-    new_updates, new_state = inner.update(updates, state, params, **extra_args)
+    new_updates, new_state = inner.update(
+        updates, state, params, **extra_args, **{_OTHERS_FINITE: others_finite})
     (old_rite,), (new_rite,) = _rite_states(state), _rite_states(new_state)
-    finite = others_finite & (new_rite.skipped == old_rite.skipped)
+    finite = new_rite.skipped == old_rite.skipped
     new_updates = jax.tree.map(
         lambda u, p: jnp.where(finite, u, 0).astype(p.dtype), new_updates, params)
-    count_skip = lambda rite: rite._replace(
-        skipped=old_rite.skipped + (~finite).astype(old_rite.skipped.dtype))
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    # LoRA-RITE kept its own state on a skipped step (it was told others_finite).
     is_rite = lambda x: isinstance(x, ScaleByLoraRiteState)
-    new_state = jax.tree.map(lambda x: count_skip(x) if is_rite(x) else x, new_state,
-                             is_leaf=is_rite)
+    new_state = jax.tree.map(
+        lambda new, old: new if is_rite(new) else jnp.where(finite, new, old),
+        new_state, state, is_leaf=is_rite)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)

@@ -6,9 +6,12 @@ into a list of :class:`FactorPair` by matching leaf paths against a static
 :class:`Pairing` (a tuple of :class:`FactorRule`). Pairing is by path, never by
 leaf order and never by guessing the rank axis from shapes.
 
-Every factor is viewed canonically as ``(batch, rows, r)``: declared batch axes
-(scanned layers, experts) first and flattened, the rank axis last, every other
-axis flattened into rows. The optimizer math only ever sees canonical views.
+Every factor is viewed as ``(batch, rows, r)`` (:meth:`FactorView.to_canonical`):
+declared batch axes (scanned layers, experts) first and flattened, the rank axis
+last, every other axis flattened into rows. The optimizer computes in the layout
+closest to the stored one (:meth:`FactorView.to_compute`): rank-major
+``(batch, r, rows)`` when the rank axis precedes the rows (``lora_b (r, n)``), so
+that no factor is ever transposed in memory.
 """
 
 from __future__ import annotations
@@ -307,13 +310,21 @@ class FactorView:
   batch_axes: tuple[int, ...]  # non-negative
 
   @property
+  def rank_major(self) -> bool:
+    """Whether the rank axis comes before every row axis (``lora_b (r, n)``)."""
+    return all(self.rank_axis < ax for ax in self._row_axes)
+
+  @property
+  def _row_axes(self) -> list[int]:
+    return [ax for ax in range(len(self.shape))
+            if ax != self.rank_axis and ax not in self.batch_axes]
+
+  @property
   def permutation(self) -> tuple[int, ...]:
-    rows = [
-        ax
-        for ax in range(len(self.shape))
-        if ax != self.rank_axis and ax not in self.batch_axes
-    ]
-    return (*self.batch_axes, *rows, self.rank_axis)
+    """Stored axes -> compute layout: batch axes, then rank and rows in stored order."""
+    if self.rank_major:
+      return (*self.batch_axes, self.rank_axis, *self._row_axes)
+    return (*self.batch_axes, *self._row_axes, self.rank_axis)
 
   @property
   def batch_shape(self) -> tuple[int, ...]:
@@ -331,14 +342,30 @@ class FactorView:
   def canonical_shape(self) -> tuple[int, int, int]:
     return (math.prod(self.batch_shape), self.rows, self.rank)
 
+  @property
+  def compute_shape(self) -> tuple[int, int, int]:
+    """``(batch, r, rows)`` when :attr:`rank_major`, else ``(batch, rows, r)``."""
+    batch, rows, rank = self.canonical_shape
+    return (batch, rank, rows) if self.rank_major else (batch, rows, rank)
+
+  def to_compute(self, x: jax.Array) -> jax.Array:
+    """(stored layout) -> :attr:`compute_shape`: a reshape, with no transpose unless
+    the rank axis sits between row axes or the batch axes are not leading."""
+    return x.transpose(self.permutation).reshape(self.compute_shape)
+
+  def from_compute(self, x: jax.Array) -> jax.Array:
+    """:attr:`compute_shape` -> stored layout."""
+    permuted = tuple(self.shape[ax] for ax in self.permutation)
+    return x.reshape(permuted).transpose(np.argsort(self.permutation))
+
   def to_canonical(self, x: jax.Array) -> jax.Array:
     """(stored layout) -> (batch, rows, r)."""
-    return x.transpose(self.permutation).reshape(self.canonical_shape)
+    x = self.to_compute(x)
+    return x.swapaxes(-1, -2) if self.rank_major else x
 
   def from_canonical(self, x: jax.Array) -> jax.Array:
     """(batch, rows, r) -> stored layout."""
-    permuted = tuple(self.shape[ax] for ax in self.permutation)
-    return x.reshape(permuted).transpose(np.argsort(self.permutation))
+    return self.from_compute(x.swapaxes(-1, -2) if self.rank_major else x)
 
   def state_shape(self, *trailing: int) -> tuple[int, ...]:
     """Shape of a per-adapter state leaf: ``batch_shape + trailing``."""

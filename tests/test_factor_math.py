@@ -1,4 +1,4 @@
-"""The per-side building blocks of factor_math (docs/algorithm.md §3 and §4a)."""
+"""The per-side building blocks: factor_math, thin, core (docs/algorithm.md §3 and §4a)."""
 
 import hypothesis
 import jax.numpy as jnp
@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
+from rite_optax import core, engine
 from rite_optax import factor_math as fm
+from rite_optax.thin import Thin
+
+HYPER = core.Hyper(b1=0.9, b2=0.999, eps=1e-6, relative_eps=False, clip_unmagnified_grad=0.0,
+                   update_skipping=0.0, update_capping=None, weight_decay=0.0,
+                   apply_escape=False)
 
 
 def conditioned(rng, rows, r, cond, dtype):
@@ -17,7 +23,14 @@ def conditioned(rng, rows, r, cond, dtype):
 
 
 def basis(x, rank_major=False):
-  return fm.orthonormal_basis(x, fm.eigh_each([fm.gram(x, rank_major)])[0], rank_major)
+  """(U, R⁺) of one stack, through core's step 1 (x in the layout given)."""
+  thin = Thin((x,), rank_major)
+  r_pinv = core.basis(thin, engine.eigh_each([thin.gram()])[0])
+  return core.new_basis(thin, r_pinv).pieces[0], r_pinv
+
+
+def gram(u):
+  return Thin((u,), False).gram()
 
 
 @pytest.mark.parametrize('dtype,cond,tol', [
@@ -26,7 +39,7 @@ def basis(x, rank_major=False):
 def test_basis_is_orthonormal_and_reconstructs(dtype, cond, tol):
   x = conditioned(np.random.default_rng(0), 200, 8, cond, dtype)
   u, r_pinv = basis(x)
-  np.testing.assert_allclose(fm.gram(u)[0], np.eye(8), atol=tol)
+  np.testing.assert_allclose(gram(u)[0], np.eye(8), atol=tol)
   # x = U R with R = (R⁺)⁻¹ for a full-rank x.
   np.testing.assert_allclose(
       u[0] @ np.linalg.inv(np.asarray(r_pinv[0], np.float64)), x[0], atol=tol * 10 * float(
@@ -49,7 +62,7 @@ def test_zero_and_rank_deficient_factors_use_the_pseudo_inverse():
   a = rng.standard_normal((30, 2))
   x = jnp.asarray(np.concatenate([a, a @ rng.standard_normal((2, 2))], 1))[None]  # rank 2
   u, r_pinv = basis(x)
-  g = np.asarray(fm.gram(u)[0])
+  g = np.asarray(gram(u)[0])
   np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(g)), [0, 0, 1, 1], atol=1e-12)
   # U spans the column space of x: projecting x onto U gives x back.
   np.testing.assert_allclose(u[0] @ (u[0].T @ x[0]), x[0], atol=1e-12)
@@ -68,13 +81,17 @@ def test_any_orthonormal_basis_gives_the_same_update(rows, r, seed):
   o = jnp.asarray(o)[None]
 
   def delta(r_pinv):
-    gbar = fm.unmagnified_gradient(grad, r_pinv)
-    v = fm.second_moment(jnp.zeros((1, r, r)), fm.gram(gbar), rows, jnp.asarray(0.0))
-    lam, q = jnp.linalg.eigh(v)
-    k = fm.inverse_root((lam, q), jnp.zeros(1), jnp.asarray(1e-6), False)
-    m = fm.first_moment(jnp.zeros_like(gbar), jnp.zeros((1, r, r)), fm.precondition(gbar, k),
-                        jnp.asarray(0.0))
-    return fm.to_parameter_space(m, r_pinv)
+    g = Thin((grad,), False)
+    seen = core.unmagnified(core.Grams(x=None, grad=g.gram()), r_pinv)
+    zeros = Thin((jnp.zeros_like(grad),), False)
+    side = core.Side(x=Thin((x,), False), grad=g, moment=zeros, basis=zeros,
+                     second=jnp.zeros((1, r, r)), escaped=jnp.zeros(1))
+    true, zero = jnp.asarray(True), jnp.asarray(0.0)
+    v = core.second_moment(side, seen, jnp.zeros((1, r, r)), jnp.ones(1), zero, true)
+    k = core.preconditioner(jnp.linalg.eigh(v.new), jnp.zeros(1), r_pinv, jnp.ones(1), HYPER)
+    written = core.write(side, jnp.zeros((1, r, r)), r_pinv, k, v, jnp.zeros(1), zero, true,
+                         zeros, HYPER)
+    return written.delta.pieces[0]
 
   # x = U R = (U O)(Oᵀ R), so the rotated pseudo-inverse is R⁺ O.
   np.testing.assert_allclose(delta(fm.matmul_small(r_pinv, o)), delta(r_pinv), atol=1e-10)
@@ -99,7 +116,7 @@ def test_eigh_each_keeps_order_across_ranks():
   for r, b in ((3, 2), (5, 1), (3, 4)):
     s = rng.standard_normal((b, r, r))
     mats.append(jnp.asarray(s + np.swapaxes(s, 1, 2)))
-  for m, (lam, q) in zip(mats, fm.eigh_each(mats)):
+  for m, (lam, q) in zip(mats, engine.eigh_each(mats)):
     np.testing.assert_allclose(q @ (lam[..., None] * np.swapaxes(q, 1, 2)), m, atol=1e-12)
 
 
@@ -116,6 +133,6 @@ def test_skipping_and_capping_scales():
   squared = jnp.asarray([4.0, 400.0])
   np.testing.assert_array_equal(fm.kept_by_skipping(squared, 4, jnp.asarray(2.0)), [1.0, 0.0])
   np.testing.assert_array_equal(fm.kept_by_skipping(squared, 4, jnp.asarray(0.0)), [1.0, 1.0])
-  m = jnp.full((2, 3, 2), 2.0)
-  np.testing.assert_allclose(fm.capping_scale(m, jnp.asarray(0.5)), [0.25, 0.25])
-  np.testing.assert_allclose(fm.capping_scale(m, jnp.asarray(0.0)), [1.0, 1.0])
+  m = Thin((jnp.full((2, 3, 2), 2.0),), False)
+  np.testing.assert_allclose(fm.capping_scale(m.mean_square(), jnp.asarray(0.5)), [0.25, 0.25])
+  np.testing.assert_allclose(fm.capping_scale(m.mean_square(), jnp.asarray(0.0)), [1.0, 1.0])

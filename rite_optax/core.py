@@ -1,0 +1,215 @@
+"""The LoRA-RITE step, numbered as in docs/algorithm.md §3.
+
+Pure functions from NamedTuples to NamedTuples, for one *side* (the ``a`` or the
+``b`` factors) of a group of same-shape adapters. The step has three phases:
+
+1. per side, factor-sized reads reduced to r×r matrices (:func:`grams`,
+   :func:`basis`, :func:`unmagnified`): steps 1 and 2;
+2. global scalars over every side of every group (:func:`global_scalars`):
+   steps 3 and 4;
+3. per side, the new basis and the transport (:func:`new_basis`,
+   :func:`transport`, :func:`kept_basis`), r×r algebra (:func:`second_moment`,
+   :func:`preconditioner`), then one factor-sized pass per output
+   (:func:`write`): steps 5–11.
+
+Nothing factor-sized crosses the global reduction: phase 1 keeps only r×r
+matrices, and phase 3 forms the new basis ``U = X R⁺`` from the factor again.
+Eigendecompositions come in as arguments, so that the caller
+(:mod:`.engine`) can batch and order them across groups.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rite_optax import factor_math as fm
+from rite_optax.thin import Thin
+
+Eigh = tuple[jax.Array, jax.Array]  # (eigenvalues ascending (B, r), eigenvectors (B, r, r))
+
+
+class Hyper(NamedTuple):
+  """The transformation's options (see :func:`rite_optax.scale_by_lora_rite`)."""
+
+  b1: float
+  b2: float
+  eps: float
+  relative_eps: bool
+  clip_unmagnified_grad: float
+  update_skipping: float
+  update_capping: float | None  # None: off, and no pass over M to measure it
+  weight_decay: float
+  apply_escape: bool
+
+
+class Side(NamedTuple):
+  """One side of a group: its factors X, their gradients and their state."""
+
+  x: Thin  # the factors (A on the a side), as stored in the params
+  grad: Thin  # ∇X
+  moment: Thin  # M, the first moment in the partner's basis
+  basis: Thin  # U_prev, X's orthonormal basis at the last applied step
+  second: jax.Array  # V (B, r, r)
+  escaped: jax.Array  # ρ (B,)
+
+
+class Grams(NamedTuple):
+  """Phase 1's factor-sized reads, reduced to r×r."""
+
+  x: jax.Array  # XᵀX (step 1)
+  grad: jax.Array  # ∇Xᵀ∇X (step 2)
+
+
+class Seen(NamedTuple):
+  """Step 2 for one side, r×r: its unmagnified gradient's statistics."""
+
+  gbar_gram: jax.Array  # ḡᵀḡ = R_B⁺ᵀ (∇Aᵀ∇A) R_B⁺
+  squared_norm: jax.Array  # ‖ḡ‖²_F (B,)
+
+
+class Scalars(NamedTuple):
+  """Step 4: one value for the whole step."""
+
+  finite: jax.Array  # every ḡ is finite: the step is applied
+  grad_norm: jax.Array  # ‖ḡ‖ over all kept factors, before clipping
+  clip_scale: jax.Array  # c
+  skipped_factors: jax.Array  # int32: factors zeroed by update skipping (step 3)
+
+
+class SecondMoment(NamedTuple):
+  """Step 6: V before, transported and after (V before = V after on a skipped step)."""
+
+  old: jax.Array
+  transported: jax.Array
+  new: jax.Array
+
+
+class Written(NamedTuple):
+  """Step 11's outputs for one side, in the factors' layout."""
+
+  delta: Thin  # Δ, the update before the learning rate
+  moment: Thin  # M
+  basis: Thin  # U
+  second: jax.Array  # V
+  escaped: jax.Array  # ρ
+
+
+def grams(side: Side) -> Grams:
+  """Phase 1: the r×r reductions of the factor and of its gradient."""
+  return Grams(x=side.x.gram(), grad=side.grad.gram())
+
+
+def basis(x: Thin, x_gram_eigh: Eigh) -> jax.Array:
+  """Step 1: R⁺ with ``X = U R``, U orthonormal on span(X), from the eigh of XᵀX.
+
+  ``U₁ = X R₁⁺`` is formed once to measure its orthonormality (its Gram), then
+  freed: the basis itself, ``U = X R⁺``, is formed in :func:`write`.
+  """
+  r1_pinv, keep = fm.gram_pseudo_inverse(x_gram_eigh, x.pieces[0].dtype)
+  y = fm.orthonormality_correction(x.times(r1_pinv).gram(), keep)
+  return fm.matmul_small(r1_pinv, y)
+
+
+def unmagnified(own: Grams, partner_r_pinv: jax.Array) -> Seen:
+  """Step 2 for one side, from r×r matrices only: ḡ itself is never formed."""
+  gbar_gram = fm.unmagnified_gram(own.grad, partner_r_pinv)
+  return Seen(gbar_gram=gbar_gram, squared_norm=fm.squared_norm(gbar_gram))
+
+
+def kept(seen: Seen, size: int, hyper: Hyper) -> jax.Array:
+  """Step 3: 1 for each adapter whose RMS(ḡ) is within ``update_skipping``, else 0."""
+  return fm.kept_by_skipping(
+      seen.squared_norm, size, jnp.asarray(hyper.update_skipping, seen.squared_norm.dtype))
+
+
+def global_scalars(squared: list[jax.Array], kept_: list[jax.Array], hyper: Hyper,
+                   dtype, others_finite: jax.Array) -> Scalars:
+  """Step 4: finiteness (before skipping) and the global clip scale (after).
+
+  ``others_finite``: whether the gradients of the leaves that are not factors
+  (applied by a fallback in :func:`rite_optax.lora_rite`) are finite too.
+  """
+  total = lambda xs: sum((jnp.sum(x).astype(dtype) for x in xs), start=jnp.zeros([], dtype))
+  finite = jnp.isfinite(total(squared)) & others_finite
+  grad_norm = jnp.sqrt(total(k * sq for k, sq in zip(kept_, squared, strict=True)))
+  clip = jnp.asarray(hyper.clip_unmagnified_grad, dtype)
+  clip_scale = jnp.where(
+      (clip > 0) & (grad_norm > clip), clip / jnp.where(grad_norm > 0, grad_norm, 1.0), 1.0)
+  skipped = sum((jnp.sum(k == 0).astype(jnp.int32) for k in kept_),
+                start=jnp.zeros([], jnp.int32))
+  return Scalars(finite, grad_norm, clip_scale, skipped)
+
+
+def gradient_scale(kept_: jax.Array, scalars: Scalars) -> jax.Array:
+  """ḡ's factor per adapter, ``(B,)``: skip × clip, and 0 on a skipped step so that
+  every r×r quantity stays finite (eigh never sees a NaN)."""
+  return jnp.where(scalars.finite, kept_ * scalars.clip_scale.astype(kept_.dtype), 0.0)
+
+
+def second_moment(side: Side, seen: Seen, transport_: jax.Array, scale: jax.Array,
+                  b2_hat: jax.Array, finite: jax.Array) -> SecondMoment:
+  """Step 6: V ← (1-β̂₂)·(c·k)²·ḡᵀḡ/m + β̂₂·sym(P V Pᵀ); unchanged on a skipped step."""
+  transported = fm.transported_second_moment(side.second, transport_)
+  gbar_gram = seen.gbar_gram * jnp.square(scale)[:, None, None]
+  new = fm.second_moment(transported, jnp.where(finite, gbar_gram, 0.0), side.x.rows, b2_hat)
+  return SecondMoment(side.second, transported, jnp.where(finite, new, side.second))
+
+
+def escaped_mass(side: Side, v: SecondMoment, old_eigh: Eigh | None,
+                 transported_eigh: Eigh | None, b2_hat: jax.Array,
+                 hyper: Hyper) -> jax.Array:
+  """Step 7: ρ ← β̂₂·(ρ + e) with ``apply_escape``, else 0."""
+  if not hyper.apply_escape:
+    return jnp.zeros_like(side.escaped)
+  e = fm.escaped_mass(v.old, v.transported, old_eigh[0], transported_eigh[0])
+  return b2_hat * (side.escaped + e)
+
+
+def preconditioner(v_eigh: Eigh, rho: jax.Array, partner_r_pinv: jax.Array,
+                   scale: jax.Array, hyper: Hyper) -> jax.Array:
+  """Step 8, folded: K = R_B⁺ V^-½ (c·k), so that S = ḡ V^-½ = ∇A K (ḡ is never formed)."""
+  inv_root = fm.inverse_root(v_eigh, rho, jnp.asarray(hyper.eps, rho.dtype), hyper.relative_eps)
+  return fm.matmul_small(partner_r_pinv, inv_root) * scale[:, None, None]
+
+
+def new_basis(x: Thin, r_pinv: jax.Array) -> Thin:
+  """Step 1's basis U = X R⁺, formed after the global reduction."""
+  return x.times(r_pinv)
+
+
+def transport(partner_basis: Thin, partner_basis_prev: Thin) -> jax.Array:
+  """Step 5: P = U_Bᵀ U_B,prev, ``(B, r, r)``."""
+  return partner_basis.cross(partner_basis_prev)
+
+
+def kept_basis(basis_: Thin, prev: Thin, finite: jax.Array) -> Thin:
+  """The basis to store: U, or U_prev on a skipped step (the next step transports
+  from the last applied step's basis)."""
+  return basis_.map(lambda u, old: jnp.where(finite, u, old), prev)
+
+
+def write(side: Side, transport_: jax.Array, partner_r_pinv: jax.Array, k: jax.Array,
+          v: SecondMoment, rho: jax.Array, b1_hat: jax.Array, finite: jax.Array,
+          basis_: Thin, hyper: Hyper) -> Written:
+  """Steps 9–11: one factor-sized pass per output, given the new basis.
+
+  A skipped step writes M unchanged and Δ = 0 with no factor-sized select: there
+  the transport is I, β̂₁ is 1, and R_B⁺ and the weight decay are 0, so
+  ``M ← M I`` and ``Δ ← M·0 + 0·X`` (exact in floating point).
+  """
+  dtype = rho.dtype
+  transport_ = jnp.where(finite, transport_, jnp.eye(k.shape[-1], dtype=dtype))
+  b1_hat = jnp.where(finite, b1_hat, 1.0)
+  s = side.grad.times(k)  # step 8: S = ∇A K
+  moment = side.moment.times_t(transport_).map(  # step 9
+      lambda m, s: jnp.where(finite, (1.0 - b1_hat) * s, 0.0) + b1_hat * m, s)
+  cap = jnp.ones_like(rho)  # step 10
+  if hyper.update_capping is not None:
+    cap = fm.capping_scale(moment.mean_square(), jnp.asarray(hyper.update_capping, dtype))
+  to_params = partner_r_pinv * jnp.where(finite, cap, 0.0)[:, None, None]
+  wd = jnp.where(finite, jnp.asarray(hyper.weight_decay, dtype), 0.0)
+  delta = moment.times_t(to_params).map(lambda d, x: d + wd * x, side.x)  # step 11
+  return Written(delta, moment, basis_, v.new, jnp.where(finite, rho, side.escaped))

@@ -1,0 +1,88 @@
+"""Thin matrices: one side of a group of same-shape adapters, factor by factor.
+
+LoRA-RITE touches factor-sized arrays only through a handful of products with
+r×r matrices and r×r reductions (Gram matrices). :class:`Thin` offers exactly
+those, so the step's math (:mod:`.core`) is written once, free of layouts:
+
+- each factor stays its own piece, in the layout it is stored in
+  (:meth:`FactorView.to_compute`: ``(batch_i, rows, r)``, or rank-major
+  ``(batch_i, r, rows)`` for ``lora_b (r, n)``). Concatenating factors would copy
+  every one of them, which costs more than the thin products themselves;
+- r×r operands and results are stacked along the batch axis, ``(B, r, s)`` with
+  ``B = Σ batch_i``, so the small linear algebra of a whole group runs as one
+  batched call.
+
+Every contraction runs at ``Precision.HIGHEST``, so that float32 on TPU/GPU is
+not silently bf16 (docs/algorithm.md §6.1). On a mesh, a reduction over a
+row-sharded factor is an r×r all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def mm(spec: str, *operands: jax.Array) -> jax.Array:
+  """``einsum`` at ``Precision.HIGHEST``."""
+  return jnp.einsum(spec, *operands, precision=HIGHEST)
+
+
+def stack(pieces: list[jax.Array] | tuple[jax.Array, ...]) -> jax.Array:
+  """Concatenates per-factor pieces along the batch axis (no copy for one)."""
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
+
+
+class Thin(NamedTuple):
+  """Same-shape thin matrices X (``rows × r`` per adapter), one piece per factor."""
+
+  pieces: tuple[jax.Array, ...]
+  rank_major: bool
+
+  @property
+  def rows(self) -> int:
+    return self.pieces[0].shape[-1 if self.rank_major else -2]
+
+  def split(self, stacked: jax.Array) -> list[jax.Array]:
+    """A ``(B, ...)`` stack -> one ``(batch_i, ...)`` slice per piece."""
+    offsets = np.cumsum([x.shape[0] for x in self.pieces])[:-1].tolist()
+    return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
+
+  def cross(self, other: Thin) -> jax.Array:
+    """Xᵀ Y per adapter, stacked ``(B, r, s)``."""
+    spec = 'brn,bsn->brs' if self.rank_major else 'bnr,bns->brs'
+    return stack([mm(spec, x, y) for x, y in zip(self.pieces, other.pieces, strict=True)])
+
+  def gram(self) -> jax.Array:
+    """Xᵀ X per adapter, stacked ``(B, r, r)``, symmetrized once for the stack."""
+    g = self.cross(self)
+    return 0.5 * (g + jnp.swapaxes(g, -1, -2))
+
+  def times(self, small: jax.Array) -> Thin:
+    """X S per adapter, for a stacked ``(B, r, s)`` S."""
+    spec = 'brs,brn->bsn' if self.rank_major else 'bnr,brs->bns'
+    pieces = self.split(small)
+    return self._with([mm(spec, s, x) if self.rank_major else mm(spec, x, s)
+                       for x, s in zip(self.pieces, pieces, strict=True)])
+
+  def times_t(self, small: jax.Array) -> Thin:
+    """X Sᵀ per adapter, for a stacked ``(B, s, r)`` S."""
+    return self.times(jnp.swapaxes(small, -1, -2))
+
+  def map(self, fn: Callable[..., jax.Array], *others: Thin) -> Thin:
+    """``fn`` applied piece by piece to this and ``others`` (elementwise maths)."""
+    return self._with([fn(*xs) for xs in zip(self.pieces, *(o.pieces for o in others),
+                                             strict=True)])
+
+  def mean_square(self) -> jax.Array:
+    """RMS² per adapter, stacked ``(B,)``."""
+    return stack([jnp.mean(jnp.square(x), axis=(-2, -1)) for x in self.pieces])
+
+  def _with(self, pieces: list[jax.Array]) -> Thin:
+    return Thin(tuple(pieces), self.rank_major)
