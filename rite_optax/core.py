@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from rite_optax import factor_math as fm
-from rite_optax.thin import Thin
+from rite_optax.thin import Thin, stack
 
 Eigh = tuple[jax.Array, jax.Array]  # (eigenvalues ascending (B, r), eigenvectors (B, r, r))
 
@@ -149,10 +149,10 @@ def gradient_scale(kept_: jax.Array, scalars: Scalars) -> jax.Array:
   return jnp.where(scalars.finite, kept_ * scalars.clip_scale.astype(kept_.dtype), 0.0)
 
 
-def second_moment(side: Side, seen: Seen, transport_: jax.Array, scale: jax.Array,
+def second_moment(side: Side, seen: Seen, transport_: list[jax.Array], scale: jax.Array,
                   b2_hat: jax.Array, finite: jax.Array) -> SecondMoment:
   """Step 6: V ← (1-β̂₂)·(c·k)²·ḡᵀḡ/m + β̂₂·sym(P V Pᵀ); unchanged on a skipped step."""
-  transported = fm.transported_second_moment(side.second, transport_)
+  transported = fm.transported_second_moment(side.second, stack(transport_))
   gbar_gram = seen.gbar_gram * jnp.square(scale)[:, None, None]
   new = fm.second_moment(transported, jnp.where(finite, gbar_gram, 0.0), side.x.rows, b2_hat)
   return SecondMoment(side.second, transported, jnp.where(finite, new, side.second))
@@ -172,7 +172,7 @@ def preconditioner(v_eigh: Eigh, rho: jax.Array, partner_r_pinv: jax.Array,
                    scale: jax.Array, hyper: Hyper) -> jax.Array:
   """Step 8, folded: K = R_B⁺ V^-½ (c·k), so that S = ḡ V^-½ = ∇A K (ḡ is never formed)."""
   inv_root = fm.inverse_root(v_eigh, rho, jnp.asarray(hyper.eps, rho.dtype), hyper.relative_eps)
-  return fm.matmul_small(partner_r_pinv, inv_root) * scale[:, None, None]
+  return fm.matmul_small(partner_r_pinv, inv_root * scale[:, None, None])
 
 
 def new_basis(x: Thin, r_pinv: jax.Array) -> Thin:
@@ -180,36 +180,43 @@ def new_basis(x: Thin, r_pinv: jax.Array) -> Thin:
   return x.times(r_pinv)
 
 
-def transport(partner_basis: Thin, partner_basis_prev: Thin) -> jax.Array:
-  """Step 5: P = U_Bᵀ U_B,prev, ``(B, r, r)``."""
+def transport(partner_basis: Thin, partner_basis_prev: Thin) -> list[jax.Array]:
+  """Step 5: P = U_Bᵀ U_B,prev, one ``(batch_i, r, r)`` per piece."""
   return partner_basis.cross(partner_basis_prev)
 
 
-def kept_basis(basis_: Thin, prev: Thin, finite: jax.Array) -> Thin:
+def kept_basis(basis_: Thin, prev: Thin, finite: list[jax.Array]) -> Thin:
   """The basis to store: U, or U_prev on a skipped step (the next step transports
-  from the last applied step's basis)."""
-  return basis_.map(lambda u, old: jnp.where(finite, u, old), prev)
+  from the last applied step's basis). ``finite``: one ``(batch_i,)`` flag per piece."""
+  return Thin(tuple(jnp.where(f[:, None, None], u, old)
+                    for u, old, f in zip(basis_.pieces, prev.pieces, finite, strict=True)),
+              basis_.rank_major)
 
 
-def write(side: Side, transport_: jax.Array, partner_r_pinv: jax.Array, k: jax.Array,
+def write(side: Side, transport_: list[jax.Array], partner_r_pinv: jax.Array, k: jax.Array,
           v: SecondMoment, rho: jax.Array, b1_hat: jax.Array, finite: jax.Array,
           basis_: Thin, hyper: Hyper) -> Written:
   """Steps 9–11: one factor-sized pass per output, given the new basis.
 
   A skipped step writes M unchanged and Δ = 0 with no factor-sized select: there
-  the transport is I, β̂₁ is 1, and R_B⁺ and the weight decay are 0, so
-  ``M ← M I`` and ``Δ ← M·0 + 0·X`` (exact in floating point).
+  the transport is I, β̂₁ is 1, and Δ's scale and the weight decay are 0, so
+  ``M ← M I`` and ``Δ ← M R_B⁺ᵀ·0 + 0·X`` (exact in floating point).
   """
   dtype = rho.dtype
-  transport_ = jnp.where(finite, transport_, jnp.eye(k.shape[-1], dtype=dtype))
+  eye = jnp.eye(k.shape[-1], dtype=dtype)
+  transport_ = [jnp.where(finite, p, eye) for p in transport_]
   b1_hat = jnp.where(finite, b1_hat, 1.0)
   s = side.grad.times(k)  # step 8: S = ∇A K
   moment = side.moment.times_t(transport_).map(  # step 9
       lambda m, s: jnp.where(finite, (1.0 - b1_hat) * s, 0.0) + b1_hat * m, s)
-  cap = jnp.ones_like(rho)  # step 10
-  if hyper.update_capping is not None:
+  delta = moment.times_t(partner_r_pinv)  # step 11: M (R_B⁺)ᵀ, ...
+  if hyper.update_capping is None:
+    delta = delta.map(lambda d: jnp.where(finite, d, 0.0))
+  else:  # step 10, applied to Δ (the same as capping M, which the state keeps)
     cap = fm.capping_scale(moment.mean_square(), jnp.asarray(hyper.update_capping, dtype))
-  to_params = partner_r_pinv * jnp.where(finite, cap, 0.0)[:, None, None]
+    delta = delta.scaled(jnp.where(finite, cap, 0.0))
   wd = jnp.where(finite, jnp.asarray(hyper.weight_decay, dtype), 0.0)
-  delta = moment.times_t(to_params).map(lambda d, x: d + wd * x, side.x)  # step 11
-  return Written(delta, moment, basis_, v.new, jnp.where(finite, rho, side.escaped))
+  delta = delta.map(lambda d, x: d + wd * x, side.x)  # ... + weight_decay·X
+  # Without apply_escape ρ is 0 in the math and its state (zeros) is passed through.
+  escaped = jnp.where(finite, rho, side.escaped) if hyper.apply_escape else side.escaped
+  return Written(delta, moment, basis_, v.new, escaped)

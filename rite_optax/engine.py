@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rite_optax import core
 from rite_optax import factor_math as fm
@@ -99,25 +100,42 @@ def eigh_each(matrices: list[jax.Array]) -> list[core.Eigh]:
   return results
 
 
-def _read_first(finite: jax.Array, read: jax.Array) -> jax.Array:
-  """``finite``, made to depend on ``read``: orders a read before an in-place write.
+def _read_first(finite: jax.Array, reads: list[jax.Array]) -> list[jax.Array]:
+  """``finite`` per piece, made to depend on that piece's ``read``: orders a read
+  before an in-place write.
 
   The new basis overwrites its donated input U_prev in place only if every other
   read of U_prev comes first, and XLA proves that order from data dependencies
   alone (an ``optimization_barrier`` is not enough); otherwise it copies every
   U_prev first: one more factor-sized write and read per factor. The transport
   ``P = Uᵀ U_prev`` reads U_prev and nothing orders it before the basis write,
-  so the write's ``finite`` flag is made to depend on P (finite for finite
-  params and state). The params need no such help: every read of X is upstream
-  of every update through the batched eigh of the second moments.
+  so each piece's write flag is made to depend on a corner of its P (finite for
+  finite params and state). One corner per piece, not a sum over the stack: a
+  scalar shared by every piece is fused into each piece's kernel, and the
+  program would grow with pieces². The params need no such help: every read
+  of X is upstream of every update through the batched eigh of V.
   """
-  return finite & jnp.isfinite(jnp.sum(read))
+  return [finite & jnp.isfinite(p[:, 0, 0]) for p in reads]
+
+
+STACK_BELOW = 1 << 15
+"""Factors with fewer elements than this (per adapter) are concatenated into one
+piece per side: for small factors the copy costs less than a separate kernel,
+and one slice of every r×r stack, per factor and per use, more. 200 pairs of
+64×8: compile 44 s -> see benchmarks/results/step_time.md. mT5-XXL factors
+(4096×16 = 65536 elements) stay one piece each: their copies would add two
+factor-sized passes per input and output."""
+
+
+def _stacked(views) -> bool:
+  return views[0].rows * views[0].rank < STACK_BELOW and len(views) > 1
 
 
 def _side(views, dtype, leaves: Leaves) -> core.Side:
   """Gathers one side of a group: thin pieces in compute layout, stacked r×r state."""
-  thin = lambda xs: Thin(tuple(v.to_compute(xs[v.index]).astype(dtype) for v in views),
-                         views[0].rank_major)
+  def thin(xs):
+    pieces = [v.to_compute(xs[v.index]).astype(dtype) for v in views]
+    return Thin((stack(pieces),) if _stacked(views) else tuple(pieces), views[0].rank_major)
   small = lambda xs, trailing: stack([
       xs[v.index].reshape((v.canonical_shape[0], *trailing)).astype(dtype) for v in views])
   r = views[0].rank
@@ -126,12 +144,19 @@ def _side(views, dtype, leaves: Leaves) -> core.Side:
                    second=small(leaves.seconds, (r, r)), escaped=small(leaves.escapes, ()))
 
 
+def _per_view(views, x: Thin | jax.Array) -> list[jax.Array]:
+  """One ``(batch_i, ...)`` array per view, from a side's pieces or from a stack."""
+  if isinstance(x, Thin) and not _stacked(views):
+    return list(x.pieces)
+  stacked = x.pieces[0] if isinstance(x, Thin) else x
+  offsets = np.cumsum([v.canonical_shape[0] for v in views])[:-1].tolist()
+  return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
+
+
 def _scatter(views, written: core.Written, inputs: Leaves, outputs: Leaves,
              updates_dtype) -> None:
   """Writes one side's results into ``outputs`` (params-structured lists)."""
-  pieces = zip(views, written.delta.pieces, written.moment.pieces, written.basis.pieces,
-               written.delta.split(written.second), written.delta.split(written.escaped),
-               strict=True)
+  pieces = zip(views, *(_per_view(views, x) for x in written), strict=True)
   for view, delta, m, u, v, rho in pieces:
     i = view.index
     outputs.factors[i] = view.from_compute(delta).astype(

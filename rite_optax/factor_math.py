@@ -39,7 +39,7 @@ def gram_pseudo_inverse(
 ) -> tuple[jax.Array, jax.Array]:
   """R₁⁺ = W Σ⁺ from ``xᵀx = W Σ² Wᵀ``, so that ``U₁ = x R₁⁺`` is a basis of x.
 
-  First half of :func:`orthonormal_basis`'s recipe. Directions with
+  First half of :func:`rite_optax.core.basis`'s recipe. Directions with
   ``σ² ≤ r·eps·σ²_max`` (rank deficiency, including the all-zero ``lora_b`` of
   standard LoRA init) get ``1/σ = 0``: the pseudo-inverse, and a zero column in U₁.
 
@@ -51,7 +51,8 @@ def gram_pseudo_inverse(
   rank_tol = w.shape[-1] * jnp.finfo(dtype).eps
   keep = sigma2 > rank_tol * jnp.max(sigma2, axis=-1, keepdims=True)
   inv_sigma = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, sigma2, 1.0)), 0.0)
-  return w * inv_sigma[..., None, :], keep
+  # W diag(1/σ) as a matmul: its result is sliced per factor (see Thin.times).
+  return matmul_small(w, inv_sigma[..., None] * jnp.eye(w.shape[-1], dtype=w.dtype)), keep
 
 
 def orthonormality_correction(u1_gram: jax.Array, keep: jax.Array) -> jax.Array:

@@ -54,26 +54,37 @@ class Thin(NamedTuple):
     offsets = np.cumsum([x.shape[0] for x in self.pieces])[:-1].tolist()
     return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
 
-  def cross(self, other: Thin) -> jax.Array:
-    """Xᵀ Y per adapter, stacked ``(B, r, s)``."""
+  def cross(self, other: Thin) -> list[jax.Array]:
+    """Xᵀ Y per adapter, one ``(batch_i, r, s)`` per piece (:func:`stack` them for
+    batched r×r algebra; a piece's own product needs no slice of the stack)."""
     spec = 'brn,bsn->brs' if self.rank_major else 'bnr,bns->brs'
-    return stack([mm(spec, x, y) for x, y in zip(self.pieces, other.pieces, strict=True)])
+    return [mm(spec, x, y) for x, y in zip(self.pieces, other.pieces, strict=True)]
 
   def gram(self) -> jax.Array:
     """Xᵀ X per adapter, stacked ``(B, r, r)``, symmetrized once for the stack."""
-    g = self.cross(self)
+    g = stack(self.cross(self))
     return 0.5 * (g + jnp.swapaxes(g, -1, -2))
 
-  def times(self, small: jax.Array) -> Thin:
-    """X S per adapter, for a stacked ``(B, r, s)`` S."""
+  def times(self, small: jax.Array | list[jax.Array]) -> Thin:
+    """X S per adapter, for a stacked ``(B, r, s)`` S or one ``(batch_i, r, s)`` per piece."""
     spec = 'brs,brn->bsn' if self.rank_major else 'bnr,brs->bns'
-    pieces = self.split(small)
-    return self._with([mm(spec, s, x) if self.rank_major else mm(spec, x, s)
-                       for x, s in zip(self.pieces, pieces, strict=True)])
+    return self._product(spec, small)
 
-  def times_t(self, small: jax.Array) -> Thin:
-    """X Sᵀ per adapter, for a stacked ``(B, s, r)`` S."""
-    return self.times(jnp.swapaxes(small, -1, -2))
+  def times_t(self, small: jax.Array | list[jax.Array]) -> Thin:
+    """X Sᵀ per adapter, for a stacked ``(B, s, r)`` S or one per piece. The
+    transpose is the matmul's (contraction axes), never an array of its own."""
+    spec = 'bsr,brn->bsn' if self.rank_major else 'bnr,bsr->bns'
+    return self._product(spec, small)
+
+  def _product(self, spec: str, small: jax.Array | list[jax.Array]) -> Thin:
+    smalls = small if isinstance(small, list) else self.split(small)
+    return self._with([mm(spec, s, x) if self.rank_major else mm(spec, x, s)
+                       for x, s in zip(self.pieces, smalls, strict=True)])
+
+  def scaled(self, per_adapter: jax.Array) -> Thin:
+    """Each adapter's X times its entry of a ``(B,)`` stack."""
+    return self._with([x * c[:, None, None]
+                       for x, c in zip(self.pieces, self.split(per_adapter), strict=True)])
 
   def map(self, fn: Callable[..., jax.Array], *others: Thin) -> Thin:
     """``fn`` applied piece by piece to this and ``others`` (elementwise maths)."""
