@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rite_optax import factor_math
+from rite_optax import engine
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import step_time  # noqa: E402  (a sibling script, not a package)
@@ -72,7 +72,7 @@ def eigh_ms(factors: int, rank: int, reps: int) -> float:
   """One step's r×r eigendecompositions: a Gram and a second moment per factor."""
   a = jax.random.normal(jax.random.key(0), (factors, rank, rank), jnp.float32)
   batch = a @ jnp.swapaxes(a, -1, -2)  # symmetric positive definite, like Grams and V
-  eigh = jax.jit(lambda b: factor_math.eigh_each([b]))
+  eigh = jax.jit(lambda b: engine.eigh_each([b]))
   return 2 * best_ms(eigh, batch, reps=reps)
 
 

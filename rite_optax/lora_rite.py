@@ -175,6 +175,51 @@ def scale_by_lora_rite(
       pairing=pairing, updates_in_param_dtype=True)
 
 
+def _init_state(params: Any, pairing: pairing_lib.Pairing) -> ScaleByLoraRiteState:
+  """Zeros for every factor's state; other leaves keep their place (never read)."""
+  paired = _paired_or_raise(params, pairing)
+  leaves, treedef = jax.tree.flatten(params)
+  moments, bases, seconds, escapes = (list(leaves) for _ in range(4))
+  for pair in paired.pairs:
+    for view in (pair.a, pair.b):
+      dtype = fm.compute_dtype(view.dtype)
+      moments[view.index] = jnp.zeros(view.shape, dtype)
+      bases[view.index] = jnp.zeros(view.shape, dtype)
+      seconds[view.index] = jnp.zeros(view.state_shape(view.rank, view.rank), dtype)
+      escapes[view.index] = jnp.zeros(view.state_shape(), dtype)
+  unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+  dtype = _state_dtype(paired.pairs)
+  return ScaleByLoraRiteState(
+      count=jnp.zeros([], jnp.int32),
+      skipped=jnp.zeros([], jnp.int32),
+      first_moment=unflatten(moments),
+      basis=unflatten(bases),
+      second_moment=unflatten(seconds),
+      escaped_mass=unflatten(escapes),
+      skipped_factors=jnp.zeros([], jnp.int32),
+      skipped_factors_total=jnp.zeros([], jnp.int32),
+      grad_norm=jnp.zeros([], dtype),
+      clip_scale=jnp.ones([], dtype),
+  )
+
+
+def _next_state(state: ScaleByLoraRiteState, out: engine.Leaves, scalars: core.Scalars,
+                treedef: Any) -> ScaleByLoraRiteState:
+  """The state after a step: counters and diagnostics move only on an applied step."""
+  finite = scalars.finite
+  keep_old = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)
+  return ScaleByLoraRiteState(
+      count=state.count + finite.astype(state.count.dtype),
+      skipped=state.skipped + (~finite).astype(state.skipped.dtype),
+      **{field: jax.tree.unflatten(treedef, getattr(out, name)) for name, field in _STATE_FIELDS},
+      skipped_factors=keep_old(scalars.skipped_factors, state.skipped_factors),
+      skipped_factors_total=keep_old(
+          state.skipped_factors_total + scalars.skipped_factors, state.skipped_factors_total),
+      grad_norm=keep_old(scalars.grad_norm, state.grad_norm),
+      clip_scale=keep_old(scalars.clip_scale, state.clip_scale),
+  )
+
+
 def _scale_by_lora_rite(
     *, b1, b2, eps, relative_eps, clip_unmagnified_grad, update_skipping, update_capping,
     weight_decay, apply_escape, pairing, updates_in_param_dtype: bool,
@@ -201,30 +246,7 @@ def _scale_by_lora_rite(
       apply_escape=apply_escape)
 
   def init_fn(params):
-    paired = _paired_or_raise(params, pairing)
-    leaves, treedef = jax.tree.flatten(params)
-    moments, bases, seconds, escapes = (list(leaves) for _ in range(4))
-    for pair in paired.pairs:
-      for view in (pair.a, pair.b):
-        dtype = fm.compute_dtype(view.dtype)
-        moments[view.index] = jnp.zeros(view.shape, dtype)
-        bases[view.index] = jnp.zeros(view.shape, dtype)
-        seconds[view.index] = jnp.zeros(view.state_shape(view.rank, view.rank), dtype)
-        escapes[view.index] = jnp.zeros(view.state_shape(), dtype)
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    dtype = _state_dtype(paired.pairs)
-    return ScaleByLoraRiteState(
-        count=jnp.zeros([], jnp.int32),
-        skipped=jnp.zeros([], jnp.int32),
-        first_moment=unflatten(moments),
-        basis=unflatten(bases),
-        second_moment=unflatten(seconds),
-        escaped_mass=unflatten(escapes),
-        skipped_factors=jnp.zeros([], jnp.int32),
-        skipped_factors_total=jnp.zeros([], jnp.int32),
-        grad_norm=jnp.zeros([], dtype),
-        clip_scale=jnp.ones([], dtype),
-    )
+    return _init_state(params, pairing)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -238,19 +260,7 @@ def _scale_by_lora_rite(
     dtype = _state_dtype(paired.pairs)
     out, scalars = engine.step(hyper, paired.pairs, leaves, state.count.astype(dtype), dtype,
                                updates_in_param_dtype, others_finite)
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    finite = scalars.finite
-    keep_old = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)
-    return unflatten(out.factors), ScaleByLoraRiteState(
-        count=state.count + finite.astype(state.count.dtype),
-        skipped=state.skipped + (~finite).astype(state.skipped.dtype),
-        **{field: unflatten(getattr(out, name)) for name, field in _STATE_FIELDS},
-        skipped_factors=keep_old(scalars.skipped_factors, state.skipped_factors),
-        skipped_factors_total=keep_old(
-            state.skipped_factors_total + scalars.skipped_factors, state.skipped_factors_total),
-        grad_norm=keep_old(scalars.grad_norm, state.grad_norm),
-        clip_scale=keep_old(scalars.clip_scale, state.clip_scale),
-    )
+    return jax.tree.unflatten(treedef, out.factors), _next_state(state, out, scalars, treedef)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
