@@ -57,7 +57,8 @@ def test_new_bases_and_params_overwrite_their_donated_buffers():
 
 def test_planted_shared_write_flag_brings_back_the_copies(monkeypatch):
   rows, rank = 2048, 16
-  monkeypatch.setattr(engine, '_read_first', lambda finite, reads: [finite] * len(reads))
+  monkeypatch.setattr(engine, '_read_first', lambda finite, reads: [
+      jnp.broadcast_to(finite, p.shape[:1]) for p in reads])
   compiled = compiled_step(lora_params(4, rows, rank))
   assert factor_copies(compiled.as_text(), rows, rank) > 0
 
@@ -67,9 +68,13 @@ def instructions(compiled) -> int:
 
 
 def test_program_grows_linearly_with_pieces():
-  """Per-piece flags, never a scalar summed over every piece (pieces² growth)."""
-  small, large = (instructions(compiled_step(lora_params(n, 2048, 4))) for n in (4, 12))
-  assert large < 3.3 * small
+  """Per-piece flags, never a scalar summed over every piece (pieces² growth): the
+  program's size per added pair is the same from 4 to 16 pairs as from 16 to 32
+  (measured 1.03; a flag summed over the stack gives 1.28, and more with more pairs)."""
+  size = {n: instructions(compiled_step(lora_params(n, 2048, 16))) for n in (4, 16, 32)}
+  per_pair_low = (size[16] - size[4]) / 12
+  per_pair_high = (size[32] - size[16]) / 16
+  assert per_pair_high < 1.15 * per_pair_low, size
 
 
 def test_small_factors_of_a_side_run_as_one_stacked_piece():

@@ -90,9 +90,9 @@ def test_any_orthonormal_basis_gives_the_same_update(rows, r, seed):
     side = core.Side(x=Thin((x,), False), grad=g, moment=zeros, basis=zeros,
                      second=jnp.zeros((1, r, r)), escaped=jnp.zeros(1))
     true, zero = jnp.asarray(True), jnp.asarray(0.0)
-    v = core.second_moment(side, seen, jnp.zeros((1, r, r)), jnp.ones(1), zero, true)
+    v = core.second_moment(side, seen, [jnp.zeros((1, r, r))], jnp.ones(1), zero, true)
     k = core.preconditioner(jnp.linalg.eigh(v.new), jnp.zeros(1), r_pinv, jnp.ones(1), HYPER)
-    written = core.write(side, jnp.zeros((1, r, r)), r_pinv, k, v, jnp.zeros(1), zero, true,
+    written = core.write(side, [jnp.zeros((1, r, r))], r_pinv, k, v, jnp.zeros(1), zero, true,
                          zeros, HYPER)
     return written.delta.pieces[0]
 
