@@ -11,9 +11,11 @@ The rule is :func:`rite_optax.sharding.lora_rite_state_specs`, the policy
 in and out of T5X. It needs the pairing to know the factors' batch axes
 (scanned layers): importing registers it with the default ``'nnx'``, and
 :func:`t5x_configs.labels.freeze_base` (which the gin files wrap the optimizer
-in) registers it again with the pairing its optimizer carries. T5X's rule
-table is a class attribute, one per process, so a process shards the
-LoRA-RITE states of one pairing: the last one registered.
+in) registers it again with the pairing its optimizer carries; an optimizer
+that carries none (e.g. ``optax.inject_hyperparams(rite_optax.lora_rite)``)
+needs :func:`register` called with its pairing. T5X's rule table is a class
+attribute, one per process, so a process shards the LoRA-RITE states of one
+pairing: the last one registered.
 """
 
 from __future__ import annotations
