@@ -168,11 +168,11 @@ def scale_by_lora_rite(
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
     for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
-  return _scale_by_lora_rite(
+  return pairing_lib.with_pairing(_scale_by_lora_rite(
       b1=b1, b2=b2, eps=eps, relative_eps=relative_eps,
       clip_unmagnified_grad=clip_unmagnified_grad, update_skipping=update_skipping,
       update_capping=update_capping, weight_decay=weight_decay, apply_escape=apply_escape,
-      pairing=pairing, updates_in_param_dtype=True)
+      pairing=pairing, updates_in_param_dtype=True), pairing)
 
 
 def _init_state(params: Any, pairing: pairing_lib.Pairing) -> ScaleByLoraRiteState:
@@ -426,7 +426,8 @@ def lora_rite(
       factor_labels(pairing, unpaired))
   if balance_factors:
     tx = optax.chain(tx, balance_lora_factors(pairing))
-  return _skip_whole_step(tx, pairing, check_unpaired=unpaired == 'adamw')
+  return pairing_lib.with_pairing(
+      _skip_whole_step(tx, pairing, check_unpaired=unpaired == 'adamw'), pairing)
 
 
 def _rite_states(state: Any) -> list[ScaleByLoraRiteState]:

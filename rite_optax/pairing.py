@@ -21,11 +21,12 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
 import numpy as np
+import optax
 
 Role = Literal['a', 'b']
 
@@ -296,6 +297,36 @@ def resolve(pairing: str | Pairing) -> Pairing:
       f'pairing must be one of {sorted(PRESETS)} or a rite_optax.Pairing, got'
       f' {pairing!r}.'
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class _InitWithPairing:
+  """A transformation's ``init`` that also says which :class:`Pairing` it was built with.
+
+  :func:`rite_optax.state_partition_specs` needs the factors' batch axes, which only
+  the pairing knows; carrying it on ``init`` spares the caller from repeating it. It
+  calls like the wrapped ``init`` (``jit``, ``eval_shape``, optax combinators).
+  """
+
+  init: Callable[[Any], Any]
+  pairing: Pairing
+
+  def __call__(self, params: Any) -> Any:
+    return self.init(params)
+
+
+def with_pairing(
+    tx: optax.GradientTransformation, pairing: str | Pairing
+) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``init`` carries the resolved ``pairing`` (read by :func:`carried_pairing`)."""
+  return optax.GradientTransformationExtraArgs(
+      _InitWithPairing(tx.init, resolve(pairing)), tx.update)
+
+
+def carried_pairing(tx: optax.GradientTransformation) -> Pairing | None:
+  """The pairing ``tx`` was built with (:func:`with_pairing`), or ``None`` when it
+  carries none (e.g. an ``optax.chain`` built around ``scale_by_lora_rite``)."""
+  return tx.init.pairing if isinstance(tx.init, _InitWithPairing) else None
 
 
 @dataclasses.dataclass(frozen=True)

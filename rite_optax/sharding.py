@@ -9,6 +9,12 @@ state (AdamW's ``mu``/``nu`` of unpaired leaves, inside ``optax.chain``,
 ``optax.partition`` or ``optax.inject_hyperparams``) copies the param specs,
 and every remaining leaf is replicated.
 
+This policy is written once, in :func:`lora_rite_state_specs`; T5X's partition
+rule (``t5x_configs.partition_rules``) calls it too, so a T5X run and
+:func:`state_partition_specs` shard the state alike. The factors' batch axes
+come from the pairing, which ``lora_rite`` and ``scale_by_lora_rite`` carry on
+their ``init`` (:func:`rite_optax.pairing.carried_pairing`).
+
 Everything works from ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape``), so
 the specs exist before any array does. Spec entries are copied, never
 interpreted, so logical axis names (T5X/flax ``nn.partitioning``) work the same
@@ -71,35 +77,71 @@ def _copy_param_specs(node: Any, by_path: dict[str, tuple[Any, ...]]) -> Any:
   return jax.tree_util.tree_map_with_path(spec, node)
 
 
-def _rite_specs(
-    state: ScaleByLoraRiteState, by_path: dict[str, tuple[Any, ...]], pairing: pairing_lib.Pairing
+def _factor_specs(first_moment: Any, param_specs: Any) -> dict[str, tuple[Any, ...]]:
+  """Factor path -> its spec's entries, one per dim of the factor.
+
+  The first moment has the params' structure (``optax.MaskedNode`` where an
+  enclosing ``optax.partition`` masked a leaf) and each factor's shape.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      first_moment, is_leaf=lambda x: isinstance(x, _MASKED))
+  specs = treedef.flatten_up_to(param_specs)
+  return {
+      pairing_lib.path_string(path): _entries(spec, len(leaf.shape))
+      for (path, leaf), spec in zip(leaves, specs, strict=True)
+      if not isinstance(leaf, _MASKED)
+  }
+
+
+def lora_rite_state_specs(
+    state: ScaleByLoraRiteState, param_specs: Any, pairing: pairing_lib.Pairing
 ) -> ScaleByLoraRiteState:
-  """Specs of one ``ScaleByLoraRiteState``, its fields handled one by one."""
+  """Partition specs of one ``ScaleByLoraRiteState``: the one sharding policy of
+  LoRA-RITE's state, used by :func:`state_partition_specs` and by T5X's partition
+  rule (``t5x_configs.partition_rules``).
+
+  ``first_moment`` and ``basis`` copy their factor's spec; ``second_moment``
+  ``(*batch, r, r)`` keeps the entries of the factor's batch axes (scanned layers,
+  experts) followed by ``None, None``, and ``escaped_mass`` ``(*batch,)`` the batch
+  entries alone, so a layer-sharded stack keeps each layer's r×r state on the
+  devices of its layer; the counters and diagnostics are replicated.
+  ``optax.MaskedNode`` leaves stay as they are.
+
+  Args:
+    state: the state (arrays or ``jax.ShapeDtypeStruct`` s); its fields have the
+      params' structure.
+    param_specs: the params' ``PartitionSpec`` s (or ``None``, replicated), mesh or
+      logical axis names: entries are copied, never interpreted.
+    pairing: the pairing the transformation was built with; it says the batch axes.
+
+  Returns:
+    A ``ScaleByLoraRiteState`` of ``PartitionSpec`` s (and ``MaskedNode`` s).
+  """
   # The first moment has the (possibly masked) factors' shapes, so pairing it
-  # finds the batch axes without the caller's params.
+  # finds the batch axes without the params themselves.
   try:
     pairs = pairing_lib.pair_leaves(state.first_moment, pairing).pairs
   except ValueError as e:
     raise ValueError(
-        f'{e} (reading the LoRA-RITE state with pairing {pairing.name!r}: pass'
-        ' state_partition_specs the pairing given to the transformation)') from e
+        f'{e} (reading the LoRA-RITE state with pairing {pairing.name!r}: the state\'s'
+        ' specs need the pairing given to the transformation)') from e
   views = {view.path: view for pair in pairs for view in (pair.a, pair.b)}
+  by_path = _factor_specs(state.first_moment, param_specs)
 
   def per_adapter(trailing: int):
     def spec(path, leaf):
       path = pairing_lib.path_string(path)
-      entries = by_path[path]
       if path not in views:
         raise ValueError(
             f'{path} has LoRA-RITE state, but it is not a factor under pairing'
-            f' {pairing.name!r}: pass state_partition_specs the pairing given to the'
+            f' {pairing.name!r}: the state\'s specs need the pairing given to the'
             ' transformation.')
-      batch = tuple(entries[ax] for ax in views[path].batch_axes)
+      batch = tuple(by_path[path][ax] for ax in views[path].batch_axes)
       if len(batch) + trailing != len(leaf.shape):
         raise ValueError(
             f'{path}: its LoRA-RITE state has shape {tuple(leaf.shape)}, but pairing'
-            f' {pairing.name!r} gives it {len(batch)} batch axes: pass'
-            ' state_partition_specs the pairing given to the transformation.')
+            f' {pairing.name!r} gives it {len(batch)} batch axes: the state\'s specs'
+            ' need the pairing given to the transformation.')
       return PartitionSpec(*batch, *(None,) * trailing)
     return spec
 
@@ -123,21 +165,37 @@ def _children(node: Any) -> tuple[list[Any], Any]:
   return jax.tree.flatten(node, is_leaf=lambda x: x is not node)
 
 
+def _pairing_of(
+    tx: optax.GradientTransformation, pairing: str | pairing_lib.Pairing | None
+) -> pairing_lib.Pairing | None:
+  """The pairing to read ``tx``'s state with: the one given, else the one ``tx`` carries."""
+  carried = pairing_lib.carried_pairing(tx)
+  if pairing is None:
+    return carried
+  pairing = pairing_lib.resolve(pairing)
+  if carried is not None and carried != pairing:
+    names = ((carried.name, pairing.name) if carried.name != pairing.name
+             else (carried, pairing))
+    raise ValueError(
+        f'pairing={names[1]!r} differs from the pairing the transformation was built'
+        f' with, {names[0]!r}: leave pairing out (None) to use the transformation\'s.')
+  return pairing
+
+
 def state_partition_specs(
     tx: optax.GradientTransformation,
     params: Any,
     param_specs: Any,
-    pairing: str | pairing_lib.Pairing = 'nnx',
+    pairing: str | pairing_lib.Pairing | None = None,
 ) -> Any:
   """Partition specs of ``tx``'s state, derived from the params' specs.
 
-  ``ScaleByLoraRiteState`` fields are handled explicitly: ``first_moment`` and
-  ``basis`` copy their factor's spec; ``second_moment`` ``(*batch, r, r)`` gets
-  the spec entries of the factor's batch axes followed by ``None, None``;
-  ``escaped_mass`` ``(*batch,)`` the batch entries alone; the counters and
-  diagnostics are replicated. Any other params-structured state (e.g. AdamW's ``mu``/``nu``)
-  copies the param specs, ``optax.MaskedNode`` leaves of ``optax.partition``
-  stay as they are, and every other leaf is replicated (``PartitionSpec()``).
+  Each ``ScaleByLoraRiteState`` gets :func:`lora_rite_state_specs`: first moment
+  and basis copy their factor's spec, the second moment and escaped mass keep
+  the factor's batch-axis entries, counters and diagnostics are replicated. Any
+  other params-structured state (e.g. AdamW's ``mu``/``nu``) copies the param
+  specs, ``optax.MaskedNode`` leaves of ``optax.partition`` stay as they are,
+  and every other leaf is replicated (``PartitionSpec()``).
 
   Example::
 
@@ -155,21 +213,34 @@ def state_partition_specs(
     params: the params, or their ``jax.ShapeDtypeStruct`` s.
     param_specs: a tree of ``PartitionSpec`` (or ``None``, replicated) with
       the structure of ``params``; entries may be mesh or logical axis names.
-    pairing: the pairing given to ``tx`` (a preset name or a
-      :class:`rite_optax.Pairing`), which says the factors' batch axes.
+    pairing: ``None`` (default) reads the pairing ``tx`` carries
+      (``lora_rite`` and ``scale_by_lora_rite`` carry theirs); a preset name or
+      a :class:`rite_optax.Pairing` is needed when ``tx`` is a combination built
+      around them (``optax.chain``, ``optax.inject_hyperparams``), and must equal
+      the carried one when there is one.
 
   Returns:
     A tree of ``PartitionSpec`` (and ``optax.MaskedNode``) with the structure
     of ``tx.init(params)``.
+
+  Raises:
+    ValueError: ``pairing`` differs from the one ``tx`` carries; the state holds
+      a ``ScaleByLoraRiteState``, ``tx`` carries no pairing and none is given; or
+      the pairing does not describe the state (naming the param path).
   """
-  pairing = pairing_lib.resolve(pairing)
+  pairing = _pairing_of(tx, pairing)
   abstract = jax.eval_shape(tx.init, params)
   treedef = jax.tree.structure(params)
   by_path = _specs_by_path(params, param_specs)
 
   def describe(node):
     if isinstance(node, ScaleByLoraRiteState):
-      return _rite_specs(node, by_path, pairing)
+      if pairing is None:
+        raise ValueError(
+            'The state holds a ScaleByLoraRiteState, but the transformation carries no'
+            ' pairing (an optax.chain, optax.inject_hyperparams, ... built around'
+            ' lora_rite or scale_by_lora_rite): pass pairing=, the one given to them.')
+      return lora_rite_state_specs(node, param_specs, pairing)
     if isinstance(node, _MASKED) or node is None:
       return node
     if _params_structured(node, treedef):
@@ -187,7 +258,7 @@ def abstract_state(
     params: Any,
     param_specs: Any,
     mesh: jax.sharding.Mesh,
-    pairing: str | pairing_lib.Pairing = 'nnx',
+    pairing: str | pairing_lib.Pairing | None = None,
 ) -> Any:
   """``tx``'s state as ``jax.ShapeDtypeStruct`` s with their ``NamedSharding``.
 
@@ -206,7 +277,7 @@ def abstract_state(
     params: the params, or their ``jax.ShapeDtypeStruct`` s.
     param_specs: the params' ``PartitionSpec`` s, in ``mesh`` axis names.
     mesh: the mesh the state lives (or will be restored) on.
-    pairing: the pairing given to ``tx``.
+    pairing: ``None`` for the pairing ``tx`` carries, see :func:`state_partition_specs`.
 
   Returns:
     The abstract state: ``jax.ShapeDtypeStruct`` leaves with ``sharding`` set.

@@ -16,6 +16,7 @@ import jax
 import optax
 
 from rite_optax import pairing as pairing_lib
+from t5x_configs import partition_rules
 
 LORA_FACTORS = (r'(?:.*/)?lora_[ab]',)
 """Default trainable leaves: every ``lora_a``/``lora_b``."""
@@ -77,6 +78,12 @@ def freeze_base(
 ) -> optax.GradientTransformationExtraArgs:
   """Applies ``tx`` to the ``trainable`` leaves and zero updates to all others.
 
+  When ``tx`` carries its pairing (:func:`rite_optax.lora_rite`,
+  :func:`rite_optax.scale_by_lora_rite`), the result carries it too, and T5X's
+  partition rule for LoRA-RITE's state is registered again with it (so a
+  scanned-layers pairing shards the r×r state by layer): the gin files build
+  the optimizer through this function.
+
   Example::
 
     >>> import rite_optax
@@ -89,5 +96,10 @@ def freeze_base(
   Returns:
     ``optax.partition({'trainable': tx, 'frozen': optax.set_to_zero()}, labels)``.
   """
-  return optax.partition(
+  frozen = optax.partition(
       {TRAINABLE: tx, FROZEN: optax.set_to_zero()}, trainable_labels(trainable))
+  pairing = pairing_lib.carried_pairing(tx)
+  if pairing is None:
+    return frozen
+  partition_rules.register(pairing)
+  return pairing_lib.with_pairing(frozen, pairing)

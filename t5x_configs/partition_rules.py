@@ -5,76 +5,75 @@ T5X derives the logical axes of an optax state from
 aborts on an unregistered ``*State``. Importing this module registers the rule
 when T5X is installed (``gin/lora_rite.gin`` does ``import
 t5x_configs.partition_rules``); without T5X there is nothing to register.
+
+The rule is :func:`rite_optax.sharding.lora_rite_state_specs`, the policy
+:func:`rite_optax.state_partition_specs` applies, so the state is sharded alike
+in and out of T5X. It needs the pairing to know the factors' batch axes
+(scanned layers): importing registers it with the default ``'nnx'``, and
+:func:`t5x_configs.labels.freeze_base` (which the gin files wrap the optimizer
+in) registers it again with the pairing its optimizer carries; an optimizer
+that carries none (e.g. ``optax.inject_hyperparams(rite_optax.lora_rite)``)
+needs :func:`register` called with its pairing. T5X's rule table is a class
+attribute, one per process, so a process shards the LoRA-RITE states of one
+pairing: the last one registered.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
-import optax
+from jax.sharding import PartitionSpec
 
 import rite_optax
-
-
-def _is_masked(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
-def _like_params(state_tree: Any, params_axes: Any) -> Any:
-  """Param axes for factor-shaped leaves; ``MaskedNode`` stays where optax masked."""
-  return jax.tree.map(
-      lambda axes, leaf: leaf if _is_masked(leaf) else axes,
-      params_axes, state_tree, is_leaf=_is_masked)
-
-
-def _replicated(state_tree: Any, params_axes: Any) -> Any:
-  """``None`` (replicated) for the tiny ``(*batch, r, r)`` and ``(*batch,)`` leaves."""
-  return jax.tree.map(
-      lambda _, leaf: leaf if _is_masked(leaf) else None,
-      params_axes, state_tree, is_leaf=_is_masked)
+from rite_optax import pairing as pairing_lib
+from rite_optax import sharding
 
 
 def lora_rite_state_axes(
-    state: rite_optax.ScaleByLoraRiteState, params_axes: Any
+    state: rite_optax.ScaleByLoraRiteState,
+    params_axes: Any,
+    pairing: str | rite_optax.Pairing = 'nnx',
 ) -> rite_optax.ScaleByLoraRiteState:
   """Logical axes of a LoRA-RITE state, in T5X's ``_RULES`` signature.
 
-  The first moment and the previous basis are factor-shaped and take the
-  factor's param axes (so they shard exactly like ``lora_a``/``lora_b``); the
-  second moment ``(*batch, r, r)``, the escaped mass and the counters are
-  replicated: with ``r ≤ 64`` they are a few KiB per factor.
+  The first moment and the basis take the factor's param axes (so they shard
+  exactly like ``lora_a``/``lora_b``); the r×r second moment and the escaped
+  mass keep the axes of the factor's batch axes (the layers of a scanned stack)
+  and are replicated otherwise; counters are replicated
+  (:func:`rite_optax.sharding.lora_rite_state_specs`). Scalar leaves are
+  ``None``, T5X's "replicated" for its own counters.
 
   Args:
     state: a ``ScaleByLoraRiteState`` whose fields have the params' structure
       (``optax.MaskedNode`` where an enclosing ``optax.partition`` masked leaves).
     params_axes: the params' logical axes (``PartitionSpec`` leaves).
+    pairing: the pairing the optimizer was built with.
 
   Returns:
     A ``ScaleByLoraRiteState`` of logical axes (``None`` means replicated).
   """
-  return rite_optax.ScaleByLoraRiteState(
-      count=None,
-      skipped=None,
-      first_moment=_like_params(state.first_moment, params_axes),
-      basis=_like_params(state.basis, params_axes),
-      second_moment=_replicated(state.second_moment, params_axes),
-      escaped_mass=_replicated(state.escaped_mass, params_axes),
-      skipped_factors=None,
-      skipped_factors_total=None,
-      grad_norm=None,
-      clip_scale=None,
-  )
+  specs = sharding.lora_rite_state_specs(state, params_axes, pairing_lib.resolve(pairing))
+  return _scalars_as_none(specs)
 
 
-def register() -> bool:
-  """Registers :func:`lora_rite_state_axes` with T5X; returns whether T5X is installed."""
+def _scalars_as_none(specs: rite_optax.ScaleByLoraRiteState) -> rite_optax.ScaleByLoraRiteState:
+  """``PartitionSpec()`` (a scalar's spec) becomes ``None``, as in T5X's own rules."""
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  return jax.tree.map(lambda spec: spec if len(spec) else None, specs, is_leaf=is_spec)
+
+
+def register(pairing: str | rite_optax.Pairing = 'nnx') -> bool:
+  """Registers :func:`lora_rite_state_axes` with T5X for ``pairing``, replacing
+  the rule registered before; returns whether T5X is installed."""
+  pairing = pairing_lib.resolve(pairing)
   try:
     from t5x import optimizers  # pylint: disable=g-import-not-at-top
   except ImportError:
     return False
   optimizers.OptaxStatePartitionRules._RULES[rite_optax.ScaleByLoraRiteState] = (  # pylint: disable=protected-access
-      lora_rite_state_axes)
+      functools.partial(lora_rite_state_axes, pairing=pairing))
   return True
 
 

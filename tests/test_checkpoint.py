@@ -60,9 +60,9 @@ class Trainer:
         'params': jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
             self.param_shardings),
+        # The pairing is the one self.tx carries.
         'opt_state': rite_optax.abstract_state(
-            self.tx, params, jax.tree.map(lambda s: s.spec, self.param_shardings), self.mesh,
-            SCANNED),
+            self.tx, params, jax.tree.map(lambda s: s.spec, self.param_shardings), self.mesh),
     }
 
   def place(self, train_state):

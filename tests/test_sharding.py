@@ -1,5 +1,6 @@
 """Sharded runs on 8 simulated CPU devices: state specs, equality, HLO collectives."""
 
+import dataclasses
 import re
 
 import jax
@@ -244,11 +245,56 @@ def test_specs_follow_rite_fields_and_fallback_through_wrappers():
     assert len(spec) <= leaf.ndim
 
 
+def abstract_problem():
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), problem()[0])
+
+
+@pytest.mark.parametrize('make', [
+    lambda pairing: rite_optax.lora_rite(1e-3, pairing=pairing),
+    lambda pairing: rite_optax.scale_by_lora_rite(pairing=pairing),
+])
+def test_transformation_carries_its_resolved_pairing(make):
+  assert make(SCANNED).init.pairing is SCANNED
+  assert make('qwix').init.pairing == rite_optax.qwix()
+  assert isinstance(make(SCANNED), optax.GradientTransformationExtraArgs)
+
+
+def test_specs_read_the_pairing_the_transformation_carries():
+  params, specs = abstract_problem(), row_specs('data', 'model')
+  tx = optimizer()
+  carried = rite_optax.state_partition_specs(tx, params, specs)
+  assert carried == rite_optax.state_partition_specs(tx, params, specs, SCANNED)
+  # The scanned adapter's r×r state keeps its layer axis' entry: read with SCANNED.
+  assert rite_state(carried).second_moment['scan']['lora_a'] == P('data', None, None)
+  target = rite_optax.abstract_state(tx, params, specs, make_mesh((2, 4), ('data', 'model')))
+  assert jax.tree.map(lambda x: x.sharding.spec, target) == carried
+
+
+@pytest.mark.parametrize('wrong, named', [
+    ('qwix', "pairing='qwix' differs from .* built with, 'scan\\+nnx'"),
+    # Same name, other rules: the whole pairings are named.
+    (dataclasses.replace(SCANNED, rules=SCANNED.rules[2:]), 'differs from .*batch_axes=\\(0,\\)'),
+])
+def test_specs_with_another_pairing_than_the_transformation_fail_naming_both(wrong, named):
+  with pytest.raises(ValueError, match=named):
+    rite_optax.state_partition_specs(optimizer(), abstract_problem(), row_specs('data'), wrong)
+
+
+def test_specs_of_a_combination_without_pairing_ask_for_it():
+  tx = optax.chain(rite_optax.scale_by_lora_rite(pairing=SCANNED), optax.scale(-1e-3))
+  factors = {k: v for k, v in abstract_problem().items() if k != 'bias'}
+  specs = {k: v for k, v in row_specs('data', 'model').items() if k != 'bias'}
+  with pytest.raises(ValueError, match='carries no pairing .* pass pairing='):
+    rite_optax.state_partition_specs(tx, factors, specs)
+  rite = rite_state(rite_optax.state_partition_specs(tx, factors, specs, SCANNED))
+  assert rite.second_moment['scan']['lora_b'] == P('data', None, None)
+
+
 @pytest.mark.parametrize('wrong', ['nnx', 'qwix'])
-def test_specs_with_another_pairing_than_the_transformation_fail_by_name(wrong):
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), problem()[0])
-  with pytest.raises(ValueError, match='pass state_partition_specs the pairing given to the'):
-    rite_optax.state_partition_specs(optimizer(), params, row_specs('data'), wrong)
+def test_specs_of_a_combination_with_the_wrong_pairing_fail_by_name(wrong):
+  tx = optax.inject_hyperparams(rite_optax.lora_rite)(learning_rate=1e-3, pairing=SCANNED)
+  with pytest.raises(ValueError, match='need the pairing given to the transformation'):
+    rite_optax.state_partition_specs(tx, abstract_problem(), row_specs('data'), wrong)
 
 
 def test_abstract_state_carries_shardings_of_the_specs():
@@ -280,7 +326,7 @@ def test_sharded_update_gathers_no_param_shaped_array(which):
   params, _ = problem()
   tx = optimizer()
   param_shardings = shardings(specs, mesh)
-  state_shardings = shardings(rite_optax.state_partition_specs(tx, params, specs, SCANNED), mesh)
+  state_shardings = shardings(rite_optax.state_partition_specs(tx, params, specs), mesh)
   update = jax.jit(tx.update, in_shardings=(param_shardings, state_shardings, param_shardings),
                    out_shardings=(param_shardings, state_shardings))
   state = jax.eval_shape(tx.init, params)

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import rite_optax
+from rite_optax import pairing as pairing_lib
 from t5x_configs import labels, lora, metrics, partition_rules, tasks
 
 RESHAPED = {'heads * kv': 'joined_kv'}
@@ -115,10 +116,62 @@ def test_partition_rule_on_freeze_base_state():
     assert tree['q']['lora_a'] == axes['q']['lora_a'] and tree['q']['lora_b'] == axes['q']['lora_b']
     assert isinstance(tree['q']['kernel'], optax.MaskedNode)
     assert isinstance(tree['norm']['scale'], optax.MaskedNode)
-  assert got.second_moment['q']['lora_a'] is None and got.escaped_mass['q']['lora_b'] is None
+  # Unscanned: the r×r second moment is replicated, the scalar escaped mass None.
+  assert got.second_moment['q']['lora_a'] == P(None, None)
+  assert got.escaped_mass['q']['lora_b'] is None
   # Same structure as the state (None is an empty subtree, exactly as T5X expects).
   assert (jax.tree.structure(got.first_moment, is_leaf=lambda x: isinstance(x, P))
           == jax.tree.structure(rite_state.first_moment))
+
+
+SCANNED_NNX = rite_optax.nnx(batch_axes=(1,))  # T5X scan_layers, param_scan_axis=1
+
+
+def _scanned_params_and_axes(layers=3, rank=2):
+  """A flaxformer scanned layer stack: the layer axis at 1 of every kernel and factor."""
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  params = {'encoder': {'layers': {'attention': {'query': {
+      'kernel': sds(8, layers, 16), 'lora_a': sds(8, layers, rank), 'lora_b': sds(rank, layers, 16)}}},
+      'encoder_norm': {'scale': sds(8)}}}
+  axes = {'encoder': {'layers': {'attention': {'query': {
+      'kernel': P('embed', 'layers', 'joined_kv'), 'lora_a': P('embed', 'layers', 'lora_rank'),
+      'lora_b': P('lora_rank', 'layers', 'joined_kv')}}}, 'encoder_norm': {'scale': P('embed')}}}
+  return params, axes
+
+
+def _normalised(tree):
+  """Spec leaves as entry tuples without trailing ``None`` s: ``None`` (T5X's replicated),
+  ``P()`` and ``P(None, None)`` all become ``()``."""
+  def entries(spec):
+    spec = () if spec is None else tuple(spec)
+    while spec and spec[-1] is None:
+      spec = spec[:-1]
+    return spec
+  return jax.tree.map(entries, tree, is_leaf=lambda x: x is None or isinstance(x, P))
+
+
+def test_t5x_rule_and_state_partition_specs_agree_on_a_scanned_stack(monkeypatch):
+  monkeypatch.setattr(partition_rules, 'register', lambda pairing: None)  # T5X's table stays
+  params, axes = _scanned_params_and_axes()
+  tx = labels.freeze_base(rite_optax.lora_rite(1e-2, pairing=SCANNED_NNX))
+  (rite_state,) = _rite_states(jax.eval_shape(tx.init, params))
+  t5x_rule = partition_rules.lora_rite_state_axes(rite_state, axes, SCANNED_NNX)
+  (ours,) = _rite_states(rite_optax.state_partition_specs(tx, params, axes))
+  assert _normalised(t5x_rule) == _normalised(ours)
+  # Each layer's r×r state lives with its layer.
+  query = lambda tree: tree['encoder']['layers']['attention']['query']
+  assert query(t5x_rule.second_moment)['lora_b'] == P('layers', None, None)
+  assert query(t5x_rule.escaped_mass)['lora_a'] == P('layers')
+  assert query(t5x_rule.basis)['lora_b'] == axes['encoder']['layers']['attention']['query']['lora_b']
+
+
+def test_freeze_base_carries_the_pairing_and_registers_the_rule_with_it(monkeypatch):
+  registered = []
+  monkeypatch.setattr(partition_rules, 'register', registered.append)
+  tx = labels.freeze_base(rite_optax.lora_rite(1e-2, pairing=SCANNED_NNX))
+  assert pairing_lib.carried_pairing(tx) == SCANNED_NNX and registered == [SCANNED_NNX]
+  adam = labels.freeze_base(optax.adamw(1e-3))
+  assert pairing_lib.carried_pairing(adam) is None and registered == [SCANNED_NNX]
 
 
 def test_register_with_and_without_t5x():
@@ -126,11 +179,17 @@ def test_register_with_and_without_t5x():
     import t5x  # noqa: F401
   except ImportError:
     assert partition_rules.register() is False
-  else:
-    from t5x import optimizers
-    assert partition_rules.register() is True
-    rules = optimizers.OptaxStatePartitionRules._RULES  # pylint: disable=protected-access
-    assert rules[rite_optax.ScaleByLoraRiteState] is partition_rules.lora_rite_state_axes
+    return
+  from t5x import optimizers
+  rules = optimizers.OptaxStatePartitionRules._RULES  # pylint: disable=protected-access
+  try:
+    assert partition_rules.register(SCANNED_NNX) is True
+    rule = rules[rite_optax.ScaleByLoraRiteState]
+    assert rule.func is partition_rules.lora_rite_state_axes
+    assert rule.keywords == {'pairing': SCANNED_NNX}
+  finally:
+    partition_rules.register()
+  assert rules[rite_optax.ScaleByLoraRiteState].keywords == {'pairing': rite_optax.nnx()}
 
 
 def test_read_jsonl_and_tsv(tmp_path):
@@ -250,9 +309,7 @@ def _xxl_lora_tree(rank):
 
 
 def _bytes_per_device(sds, spec, model_parallel):
-  if spec is None:  # replicated
-    return sds.size * sds.dtype.itemsize
-  split = math.prod(model_parallel for n in spec if MESH_AXIS[n] == 'model')
+  split = math.prod(model_parallel for n in spec or () if n and MESH_AXIS[n] == 'model')
   return sds.size * sds.dtype.itemsize // split
 
 
@@ -274,7 +331,7 @@ def test_mt5_xxl_lora_rite_state_sizes_and_axes():
     assert rite_state.first_moment[p][f].shape == params[p][f].shape
     assert rite_state.second_moment[p][f].shape == (rank, rank)
     assert state_axes.first_moment[p][f] == axes[p][f] == state_axes.basis[p][f]
-    assert state_axes.second_moment[p][f] is None
+    assert state_axes.second_moment[p][f] == P(None, None)
   assert isinstance(rite_state.first_moment[p]['kernel'], optax.MaskedNode)
 
   total = per_device = 0
