@@ -163,6 +163,9 @@ def scale_by_lora_rite(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+    Its ``init`` carries the resolved pairing (``tx.init.pairing``), which
+    :func:`rite_optax.state_partition_specs` and :func:`rite_optax.abstract_state`
+    read, so it is given once.
 
   References:
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
@@ -393,6 +396,9 @@ def lora_rite(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+    Its ``init`` carries the resolved pairing (``tx.init.pairing``), which
+    :func:`rite_optax.state_partition_specs` and :func:`rite_optax.abstract_state`
+    read, so it is given once.
 
   References:
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
