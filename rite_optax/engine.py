@@ -7,9 +7,10 @@ owns every decision about layout and scheduling, so that :mod:`.core` is only
 the math:
 
 - **layout**: each factor stays a separate piece in its stored layout
-  (:meth:`FactorView.to_compute`); only r×r statistics are stacked;
-- **in-place writes** (:func:`_read_first`): data dependencies that let the new
-  params and bases overwrite their donated buffers instead of copying them;
+  (:meth:`FactorView.to_compute`) and only r×r statistics are stacked, except
+  for tiny factors, which are concatenated (:data:`STACK_BELOW`);
+- **in-place writes** (:func:`_read_first`): a data dependency that lets the new
+  bases overwrite their donated buffers instead of copying them;
 - **eigh batching and ordering** (:func:`eigh_each`): every eigendecomposition
   of one phase runs as one batched call per rank, and the calls run one after
   another; on CPU each batched call is a sequential loop (see :func:`_eigh`).
