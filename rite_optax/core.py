@@ -80,9 +80,9 @@ class Scalars(NamedTuple):
 
 
 class SecondMoment(NamedTuple):
-  """Step 6: V before, transported and after (V before = V after on a skipped step)."""
+  """Step 6: V transported and V after (V before is ``Side.second``; after = before on a
+  skipped step)."""
 
-  old: jax.Array
   transported: jax.Array
   new: jax.Array
 
@@ -106,7 +106,8 @@ def basis(x: Thin, x_gram_eigh: Eigh) -> jax.Array:
   """Step 1: R⁺ with ``X = U R``, U orthonormal on span(X), from the eigh of XᵀX.
 
   ``U₁ = X R₁⁺`` is formed once to measure its orthonormality (its Gram), then
-  freed: the basis itself, ``U = X R⁺``, is formed in :func:`write`.
+  freed: the basis itself, ``U = X R⁺``, is formed after the global reduction
+  (:func:`new_basis`).
   """
   r1_pinv, keep = fm.gram_pseudo_inverse(x_gram_eigh, x.pieces[0].dtype)
   y = fm.orthonormality_correction(x.times(r1_pinv).gram(), keep)
@@ -155,7 +156,7 @@ def second_moment(side: Side, seen: Seen, transport_: list[jax.Array], scale: ja
   transported = fm.transported_second_moment(side.second, stack(transport_))
   gbar_gram = seen.gbar_gram * jnp.square(scale)[:, None, None]
   new = fm.second_moment(transported, jnp.where(finite, gbar_gram, 0.0), side.x.rows, b2_hat)
-  return SecondMoment(side.second, transported, jnp.where(finite, new, side.second))
+  return SecondMoment(transported, jnp.where(finite, new, side.second))
 
 
 def escaped_mass(side: Side, v: SecondMoment, old_eigh: Eigh | None,
@@ -164,7 +165,7 @@ def escaped_mass(side: Side, v: SecondMoment, old_eigh: Eigh | None,
   """Step 7: ρ ← β̂₂·(ρ + e) with ``apply_escape``, else 0."""
   if not hyper.apply_escape:
     return jnp.zeros_like(side.escaped)
-  e = fm.escaped_mass(v.old, v.transported, old_eigh[0], transported_eigh[0])
+  e = fm.escaped_mass(side.second, v.transported, old_eigh[0], transported_eigh[0])
   return b2_hat * (side.escaped + e)
 
 

@@ -23,12 +23,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rite_optax import core
 from rite_optax import factor_math as fm
 from rite_optax import pairing as pairing_lib
-from rite_optax.thin import Thin, stack
+from rite_optax.thin import Thin, stack, unstack
 
 
 class Leaves(NamedTuple):
@@ -93,11 +92,10 @@ def eigh_each(matrices: list[jax.Array]) -> list[core.Eigh]:
       batch, _ = jax.lax.optimization_barrier((batch, previous))
     lam, vecs = _eigh(batch)
     previous = lam
-    offset = 0
-    for i in indices:
-      size = matrices[i].shape[0]
-      results[i] = (lam[offset:offset + size], vecs[offset:offset + size])
-      offset += size
+    sizes = [matrices[i].shape[0] for i in indices]
+    pieces = zip(unstack(lam, sizes), unstack(vecs, sizes), strict=True)
+    for i, piece in zip(indices, pieces, strict=True):
+      results[i] = piece
   return results
 
 
@@ -122,9 +120,10 @@ def _read_first(finite: jax.Array, reads: list[jax.Array]) -> list[jax.Array]:
 STACK_BELOW = 1 << 12
 """Factors with fewer elements than this (per adapter) are concatenated into one
 piece per side: for tiny factors a copy costs less than a kernel of its own.
-Measured, 200 pairs of 64×8 (512 elements): compile 65 → 36 s, step 51 → 24 ms.
-Not above: 288 mT5-XXL attention pairs at r = 4 (16384 elements) stacked took
-226 ms a step instead of 111–185, with 180 MB of XLA temp for a 72 MB state."""
+200 pairs of 64×8 (512 elements): 25 ms a step and 35 s to compile stacked,
+51 ms and 65 s one piece per factor (the latter on a busier machine). Not above:
+288 mT5-XXL attention pairs at r = 4 (16384 elements) stacked took 226 ms a step
+instead of 105, with 180 MB of XLA temp for a 72 MB state."""
 
 
 def _stacked(views) -> bool:
@@ -148,9 +147,8 @@ def _per_view(views, x: Thin | jax.Array) -> list[jax.Array]:
   """One ``(batch_i, ...)`` array per view, from a side's pieces or from a stack."""
   if isinstance(x, Thin) and not _stacked(views):
     return list(x.pieces)
-  stacked = x.pieces[0] if isinstance(x, Thin) else x
-  offsets = np.cumsum([v.canonical_shape[0] for v in views])[:-1].tolist()
-  return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
+  return unstack(x.pieces[0] if isinstance(x, Thin) else x,
+                 [v.canonical_shape[0] for v in views])
 
 
 def _scatter(views, written: core.Written, inputs: Leaves, outputs: Leaves,
@@ -214,7 +212,7 @@ def _phase3(hyper, sides, seen, r_pinv, kept, scalars, count) -> list[core.Writt
   n = len(sides)
   to_decompose = [v.new for v in vs]
   if hyper.apply_escape:
-    to_decompose += [v.old for v in vs] + [v.transported for v in vs]
+    to_decompose += [s.second for s in sides] + [v.transported for v in vs]
   decomposed = eigh_each(to_decompose) + [None] * (2 * n if not hyper.apply_escape else 0)
   written = []
   for i, (s, v, scale, (b1_hat, b2_hat)) in enumerate(zip(sides, vs, scales, hats, strict=True)):

@@ -52,13 +52,20 @@ def _entries(spec: PartitionSpec | None, ndim: int) -> tuple[Any, ...]:
   return entries + (None,) * (ndim - len(entries))
 
 
-def _specs_by_path(params: Any, param_specs: Any) -> dict[str, tuple[Any, ...]]:
-  """Param path -> the param spec's entries, one per dim."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+def _specs_by_path(tree: Any, param_specs: Any) -> dict[str, tuple[Any, ...]]:
+  """Path -> the param spec's entries, one per dim of ``tree``'s leaf there.
+
+  ``tree`` has the params' structure: the params, or a params-structured state
+  field (``optax.MaskedNode`` where an enclosing ``optax.partition`` masked a
+  leaf; masked paths are left out).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, _MASKED))
   specs = treedef.flatten_up_to(param_specs)
   return {
       pairing_lib.path_string(path): _entries(spec, len(leaf.shape))
       for (path, leaf), spec in zip(leaves, specs, strict=True)
+      if not isinstance(leaf, _MASKED)
   }
 
 
@@ -75,22 +82,6 @@ def _copy_param_specs(node: Any, by_path: dict[str, tuple[Any, ...]]) -> Any:
     return PartitionSpec(*entries) if len(entries) == len(leaf.shape) else PartitionSpec()
 
   return jax.tree_util.tree_map_with_path(spec, node)
-
-
-def _factor_specs(first_moment: Any, param_specs: Any) -> dict[str, tuple[Any, ...]]:
-  """Factor path -> its spec's entries, one per dim of the factor.
-
-  The first moment has the params' structure (``optax.MaskedNode`` where an
-  enclosing ``optax.partition`` masked a leaf) and each factor's shape.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      first_moment, is_leaf=lambda x: isinstance(x, _MASKED))
-  specs = treedef.flatten_up_to(param_specs)
-  return {
-      pairing_lib.path_string(path): _entries(spec, len(leaf.shape))
-      for (path, leaf), spec in zip(leaves, specs, strict=True)
-      if not isinstance(leaf, _MASKED)
-  }
 
 
 def lora_rite_state_specs(
@@ -126,7 +117,7 @@ def lora_rite_state_specs(
         f'{e} (reading the LoRA-RITE state with pairing {pairing.name!r}: the state\'s'
         ' specs need the pairing given to the transformation)') from e
   views = {view.path: view for pair in pairs for view in (pair.a, pair.b)}
-  by_path = _factor_specs(state.first_moment, param_specs)
+  by_path = _specs_by_path(state.first_moment, param_specs)
 
   def per_adapter(trailing: int):
     def spec(path, leaf):

@@ -39,6 +39,12 @@ def stack(pieces: list[jax.Array] | tuple[jax.Array, ...]) -> jax.Array:
   return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
 
 
+def unstack(stacked: jax.Array, sizes: list[int]) -> list[jax.Array]:
+  """Splits a ``(Σ sizes, ...)`` stack along axis 0 into pieces of ``sizes``."""
+  offsets = np.cumsum(sizes)[:-1].tolist()
+  return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
+
+
 class Thin(NamedTuple):
   """Same-shape thin matrices X (``rows × r`` per adapter), one piece per factor."""
 
@@ -51,8 +57,7 @@ class Thin(NamedTuple):
 
   def split(self, stacked: jax.Array) -> list[jax.Array]:
     """A ``(B, ...)`` stack -> one ``(batch_i, ...)`` slice per piece."""
-    offsets = np.cumsum([x.shape[0] for x in self.pieces])[:-1].tolist()
-    return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
+    return unstack(stacked, [x.shape[0] for x in self.pieces])
 
   def cross(self, other: Thin) -> list[jax.Array]:
     """Xᵀ Y per adapter, one ``(batch_i, r, s)`` per piece (:func:`stack` them for
