@@ -7,8 +7,8 @@ Pure functions from NamedTuples to NamedTuples, for one *side* (the ``a`` or the
    :func:`basis`, :func:`unmagnified`): steps 1 and 2;
 2. global scalars over every side of every group (:func:`global_scalars`):
    steps 3 and 4;
-3. per side, the new basis and the transport (:func:`new_basis`,
-   :func:`transport`, :func:`kept_basis`), r×r algebra (:func:`second_moment`,
+3. per side, the transport and the new basis (:func:`transport`,
+   :func:`kept_basis`), r×r algebra (:func:`second_moment`,
    :func:`preconditioner`), then one factor-sized pass per output
    (:func:`write`): steps 5–11.
 
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from rite_optax import factor_math as fm
-from rite_optax.thin import Thin, stack
+from rite_optax.thin import Thin, mm, stack
 
 Eigh = tuple[jax.Array, jax.Array]  # (eigenvalues ascending (B, r), eigenvectors (B, r, r))
 
@@ -41,7 +41,7 @@ class Hyper(NamedTuple):
   clip_unmagnified_grad: float
   update_skipping: float
   update_capping: float | None  # None: off, and no pass over M to measure it
-  weight_decay: float
+  weight_decay: float | None  # None: off, and no pass over X to add it
   apply_escape: bool
 
 
@@ -110,7 +110,7 @@ def basis(x: Thin, x_gram_eigh: Eigh) -> jax.Array:
   (:func:`new_basis`).
   """
   r1_pinv, keep = fm.gram_pseudo_inverse(x_gram_eigh, x.pieces[0].dtype)
-  y = fm.orthonormality_correction(x.times(r1_pinv).gram(), keep)
+  y = fm.orthonormality_correction(x.product_gram(r1_pinv), keep)
   return fm.matmul_small(r1_pinv, y)
 
 
@@ -131,16 +131,20 @@ def global_scalars(squared: list[jax.Array], kept_: list[jax.Array], hyper: Hype
   """Step 4: finiteness (before skipping) and the global clip scale (after).
 
   ``others_finite``: whether the gradients of the leaves that are not factors
-  (applied by a fallback in :func:`rite_optax.lora_rite`) are finite too.
+  (applied by a fallback in :func:`rite_optax.lora_rite`) are finite too. Each
+  total over all groups is one operation, not a chain of additions: XLA copies
+  cheap scalar arithmetic into every kernel that reads its result, and the
+  program would grow with groups × pieces.
   """
-  total = lambda xs: sum((jnp.sum(x).astype(dtype) for x in xs), start=jnp.zeros([], dtype))
+  # The last entry of a cumulative sum over the groups: XLA keeps that as one
+  # operation, where it would turn a plain sum into a chain of additions.
+  total = lambda xs: jnp.cumsum(jnp.stack([jnp.sum(x).astype(dtype) for x in xs]))[-1]
   finite = jnp.isfinite(total(squared)) & others_finite
   grad_norm = jnp.sqrt(total(k * sq for k, sq in zip(kept_, squared, strict=True)))
   clip = jnp.asarray(hyper.clip_unmagnified_grad, dtype)
   clip_scale = jnp.where(
       (clip > 0) & (grad_norm > clip), clip / jnp.where(grad_norm > 0, grad_norm, 1.0), 1.0)
-  skipped = sum((jnp.sum(k == 0).astype(jnp.int32) for k in kept_),
-                start=jnp.zeros([], jnp.int32))
+  skipped = jnp.sum(jnp.concatenate([jnp.ravel(k == 0) for k in kept_]), dtype=jnp.int32)
   return Scalars(finite, grad_norm, clip_scale, skipped)
 
 
@@ -176,32 +180,38 @@ def preconditioner(v_eigh: Eigh, rho: jax.Array, partner_r_pinv: jax.Array,
   return fm.matmul_small(partner_r_pinv, inv_root * scale[:, None, None])
 
 
-def new_basis(x: Thin, r_pinv: jax.Array) -> Thin:
-  """Step 1's basis U = X R⁺, formed after the global reduction."""
-  return x.times(r_pinv)
+def transport(partner_x: Thin, partner_r_pinv: jax.Array,
+              partner_basis_prev: Thin) -> list[jax.Array]:
+  """Step 5: P = U_Bᵀ U_B,prev = R_B⁺ᵀ (X_Bᵀ U_B,prev), one ``(batch_i, r, r)`` per piece.
+
+  Formed from X_B and R_B⁺, not from U_B: the new basis need not exist before
+  the old one is read, so it can overwrite it (:func:`kept_basis`).
+  """
+  return [mm('bsr,bst->brt', r, c) for r, c in zip(
+      partner_x.split(partner_r_pinv), partner_x.cross(partner_basis_prev), strict=True)]
 
 
-def transport(partner_basis: Thin, partner_basis_prev: Thin) -> list[jax.Array]:
-  """Step 5: P = U_Bᵀ U_B,prev, one ``(batch_i, r, r)`` per piece."""
-  return partner_basis.cross(partner_basis_prev)
+def kept_basis(x: Thin, r_pinv: jax.Array, prev: Thin, applied: jax.Array) -> Thin:
+  """Step 1's basis U = X R⁺ to store, or U_prev on a skipped step (the next step
+  transports from the last applied step's basis).
 
-
-def kept_basis(basis_: Thin, prev: Thin, finite: list[jax.Array]) -> Thin:
-  """The basis to store: U, or U_prev on a skipped step (the next step transports
-  from the last applied step's basis). ``finite``: one ``(batch_i,)`` flag per piece."""
-  return Thin(tuple(jnp.where(f[:, None, None], u, old)
-                    for u, old, f in zip(basis_.pieces, prev.pieces, finite, strict=True)),
-              basis_.rank_major)
+  A branch, not a select: a select would read U and U_prev and write the result
+  (three factor-sized passes after forming U); the branch forms U straight into
+  the stored basis, or keeps U_prev untouched.
+  """
+  pieces = jax.lax.cond(applied, lambda: x.times(r_pinv).pieces, lambda: prev.pieces)
+  return Thin(tuple(pieces), x.rank_major)
 
 
 def write(side: Side, transport_: list[jax.Array], partner_r_pinv: jax.Array, k: jax.Array,
-          v: SecondMoment, rho: jax.Array, b1_hat: jax.Array, finite: jax.Array,
+          second: jax.Array, rho: jax.Array, b1_hat: jax.Array, finite: jax.Array,
           basis_: Thin, hyper: Hyper) -> Written:
-  """Steps 9–11: one factor-sized pass per output, given the new basis.
+  """Steps 9–11: one factor-sized pass per output, given the new basis and V
+  (``second``, step 6).
 
   A skipped step writes M unchanged and Δ = 0 with no factor-sized select: there
   the transport is I, β̂₁ is 1, and Δ's scale and the weight decay are 0, so
-  ``M ← M I`` and ``Δ ← M R_B⁺ᵀ·0 + 0·X`` (exact in floating point).
+  ``M ← M I`` and ``Δ ← M (0·R_B⁺)ᵀ + 0·X`` (exact in floating point).
   """
   dtype = rho.dtype
   eye = jnp.eye(k.shape[-1], dtype=dtype)
@@ -210,14 +220,16 @@ def write(side: Side, transport_: list[jax.Array], partner_r_pinv: jax.Array, k:
   s = side.grad.times(k)  # step 8: S = ∇A K
   moment = side.moment.times_t(transport_).map(  # step 9
       lambda m, s: jnp.where(finite, (1.0 - b1_hat) * s, 0.0) + b1_hat * m, s)
-  delta = moment.times_t(partner_r_pinv)  # step 11: M (R_B⁺)ᵀ, ...
-  if hyper.update_capping is None:
-    delta = delta.map(lambda d: jnp.where(finite, d, 0.0))
-  else:  # step 10, applied to Δ (the same as capping M, which the state keeps)
-    cap = fm.capping_scale(moment.mean_square(), jnp.asarray(hyper.update_capping, dtype))
-    delta = delta.scaled(jnp.where(finite, cap, 0.0))
-  wd = jnp.where(finite, jnp.asarray(hyper.weight_decay, dtype), 0.0)
-  delta = delta.map(lambda d, x: d + wd * x, side.x)  # ... + weight_decay·X
+  # Step 11, Δ = c·M (R_B⁺)ᵀ (+ weight_decay·X), with the per-adapter scale c (the
+  # capping of step 10, the same as capping M, which the state keeps; 0 on a
+  # skipped step, where M is finite) folded into R_B⁺: no pass of its own.
+  c = jnp.where(finite, 1.0, 0.0)
+  if hyper.update_capping is not None:
+    c = c * fm.capping_scale(moment.mean_square(), jnp.asarray(hyper.update_capping, dtype))
+  delta = moment.times_t(partner_r_pinv * jnp.broadcast_to(c, rho.shape)[:, None, None])
+  if hyper.weight_decay is not None:
+    wd = jnp.where(finite, jnp.asarray(hyper.weight_decay, dtype), 0.0)
+    delta = delta.map(lambda d, x: d + wd * x, side.x)
   # Without apply_escape ρ is 0 in the math and its state (zeros) is passed through.
   escaped = jnp.where(finite, rho, side.escaped) if hyper.apply_escape else side.escaped
-  return Written(delta, moment, basis_, v.new, escaped)
+  return Written(delta, moment, basis_, second, escaped)

@@ -245,8 +245,9 @@ def _scale_by_lora_rite(
   hyper = core.Hyper(
       b1=b1, b2=b2, eps=eps, relative_eps=relative_eps,
       clip_unmagnified_grad=clip_unmagnified_grad, update_skipping=update_skipping,
-      update_capping=None if capping_off else update_capping, weight_decay=weight_decay,
-      apply_escape=apply_escape)
+      update_capping=None if capping_off else update_capping,
+      weight_decay=None if isinstance(weight_decay, numbers.Real) and weight_decay == 0
+      else weight_decay, apply_escape=apply_escape)
 
   def init_fn(params):
     return _init_state(params, pairing)

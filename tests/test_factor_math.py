@@ -26,7 +26,7 @@ def basis(x, rank_major=False):
   """(U, R⁺) of one stack, through core's step 1 (x in the layout given)."""
   thin = Thin((x,), rank_major)
   r_pinv = core.basis(thin, engine.eigh_each([thin.gram()])[0])
-  return core.new_basis(thin, r_pinv).pieces[0], r_pinv
+  return thin.times(r_pinv).pieces[0], r_pinv
 
 
 def gram(u):
