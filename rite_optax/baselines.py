@@ -7,25 +7,21 @@ changes only the optimizer. Leaves that are not LoRA factors get plain Adam.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from rite_optax import options
 from rite_optax import pairing as pairing_lib
 
 
-def _check_number(name: str, value: Any, low: float, high: float | None = None):
-  """Validates Python numbers; arrays (``inject_hyperparams``) pass through."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    if hasattr(value, 'dtype'):
-      return
-    raise TypeError(f'{name} must be a real number, got {value!r}.')
-  if value < low or (high is not None and value >= high):
-    bounds = f'[{low}, {high})' if high is not None else f'>= {low}'
-    raise ValueError(f'{name} must be in {bounds}, got {value!r}.')
+def _check_adam(**values: Any) -> None:
+  """Decays in [0, 1); eps, weight decay, ratio and ridge finite and >= 0."""
+  for name, value in values.items():
+    options.check_number(name, value, options.UNIT if name in ('b1', 'b2')
+                         else options.NON_NEGATIVE)
 
 
 def scale_lora_b(
@@ -40,7 +36,7 @@ def scale_lora_b(
   Returns:
     A stateless ``optax.GradientTransformation``.
   """
-  _check_number('ratio', ratio, 0.0)
+  options.check_number('ratio', ratio, options.NON_NEGATIVE)
   pairing = pairing_lib.resolve(pairing)
 
   def init_fn(params):
@@ -100,11 +96,8 @@ def lora_plus(
     Hayou, Ghosh, Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
     <https://arxiv.org/abs/2402.12354>`_, ICML 2024.
   """
-  _check_number('ratio', ratio, 0.0)
-  _check_number('b1', b1, 0.0, 1.0)
-  _check_number('b2', b2, 0.0, 1.0)
-  _check_number('eps', eps, 0.0)
-  _check_number('weight_decay', weight_decay, 0.0)
+  options.check_learning_rate('learning_rate', learning_rate)
+  _check_adam(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, ratio=ratio)
   return optax.with_extra_args_support(optax.chain(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       optax.add_decayed_weights(weight_decay),
@@ -163,10 +156,7 @@ def scale_by_riemannian_adam(
     Zhang, Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning Foundation
     Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
-  _check_number('b1', b1, 0.0, 1.0)
-  _check_number('b2', b2, 0.0, 1.0)
-  _check_number('eps', eps, 0.0)
-  _check_number('reg', reg, 0.0)
+  _check_adam(b1=b1, b2=b2, eps=eps, reg=reg)
   pairing = pairing_lib.resolve(pairing)
 
   def init_fn(params):
@@ -240,7 +230,8 @@ def riemannian_adam(
     Zhang, Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning Foundation
     Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
-  _check_number('weight_decay', weight_decay, 0.0)
+  options.check_learning_rate('learning_rate', learning_rate)
+  _check_adam(weight_decay=weight_decay)
   return optax.with_extra_args_support(optax.chain(
       scale_by_riemannian_adam(b1=b1, b2=b2, eps=eps, reg=reg, pairing=pairing),
       optax.add_decayed_weights(weight_decay),

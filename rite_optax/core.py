@@ -73,7 +73,7 @@ class Seen(NamedTuple):
 class Scalars(NamedTuple):
   """Step 4: one value for the whole step."""
 
-  finite: jax.Array  # every ḡ is finite: the step is applied
+  finite: jax.Array  # the step is applied: its inputs are sound, the kept ḡ finite
   grad_norm: jax.Array  # ‖ḡ‖ over all kept factors, before clipping
   clip_scale: jax.Array  # c
   skipped_factors: jax.Array  # int32: factors zeroed by update skipping (step 3)
@@ -127,20 +127,25 @@ def kept(seen: Seen, size: int, hyper: Hyper) -> jax.Array:
 
 
 def global_scalars(squared: list[jax.Array], kept_: list[jax.Array], hyper: Hyper,
-                   dtype, others_finite: jax.Array) -> Scalars:
-  """Step 4: finiteness (before skipping) and the global clip scale (after).
+                   dtype, inputs_ok: jax.Array) -> Scalars:
+  """Step 4: whether the step is applied, and the global clip scale.
 
-  ``others_finite``: whether the gradients of the leaves that are not factors
-  (applied by a fallback in :func:`rite_optax.lora_rite`) are finite too. Each
-  total over all groups is one operation, not a chain of additions: XLA copies
-  cheap scalar arithmetic into every kernel that reads its result, and the
-  program would grow with groups × pieces.
+  ``inputs_ok``: every gradient and every R⁺ finite, and whatever the caller folds
+  in (the fallback leaves' gradients, the learning rates, traced options). A huge
+  but finite gradient whose statistics overflow is not a bad input: its RMS(ḡ)
+  is beyond any skipping threshold, so step 3 zeroes that adapter. The step is
+  applied when its inputs are sound and the norm of the kept ḡ is finite (it is
+  not only when nothing skips an overflowing adapter). Each total over all
+  groups is one operation, not a chain of additions: XLA copies cheap scalar
+  arithmetic into every kernel that reads its result, and the program would grow
+  with groups × pieces.
   """
   # The last entry of a cumulative sum over the groups: XLA keeps that as one
   # operation, where it would turn a plain sum into a chain of additions.
   total = lambda xs: jnp.cumsum(jnp.stack([jnp.sum(x).astype(dtype) for x in xs]))[-1]
-  finite = jnp.isfinite(total(squared)) & others_finite
-  grad_norm = jnp.sqrt(total(k * sq for k, sq in zip(kept_, squared, strict=True)))
+  grad_norm = jnp.sqrt(total(jnp.where(k > 0, sq, 0.0) for k, sq in zip(kept_, squared,
+                                                                        strict=True)))
+  finite = inputs_ok & jnp.isfinite(grad_norm)
   clip = jnp.asarray(hyper.clip_unmagnified_grad, dtype)
   clip_scale = jnp.where(
       (clip > 0) & (grad_norm > clip), clip / jnp.where(grad_norm > 0, grad_norm, 1.0), 1.0)
@@ -156,10 +161,12 @@ def gradient_scale(kept_: jax.Array, scalars: Scalars) -> jax.Array:
 
 def second_moment(side: Side, seen: Seen, transport_: list[jax.Array], scale: jax.Array,
                   b2_hat: jax.Array, finite: jax.Array) -> SecondMoment:
-  """Step 6: V ← (1-β̂₂)·(c·k)²·ḡᵀḡ/m + β̂₂·sym(P V Pᵀ); unchanged on a skipped step."""
+  """Step 6: V ← (1-β̂₂)·(c·k)²·ḡᵀḡ/m + β̂₂·sym(P V Pᵀ); unchanged on a skipped step.
+  An adapter whose scale is 0 adds nothing, even where its ḡᵀḡ overflowed."""
   transported = fm.transported_second_moment(side.second, stack(transport_))
-  gbar_gram = seen.gbar_gram * jnp.square(scale)[:, None, None]
-  new = fm.second_moment(transported, jnp.where(finite, gbar_gram, 0.0), side.x.rows, b2_hat)
+  used = (scale > 0)[:, None, None]
+  gbar_gram = jnp.where(used, seen.gbar_gram * jnp.square(scale)[:, None, None], 0.0)
+  new = fm.second_moment(transported, gbar_gram, side.x.rows, b2_hat)
   return SecondMoment(transported, jnp.where(finite, new, side.second))
 
 

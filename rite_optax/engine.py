@@ -197,7 +197,7 @@ def _scatter(views, written: core.Written, inputs: Leaves, outputs: Leaves,
 
 
 def step(hyper: core.Hyper, pairs, leaves: Leaves, count: jax.Array, dtype,
-         updates_in_param_dtype: bool, others_finite: jax.Array) -> tuple[Leaves, core.Scalars]:
+         updates_in_param_dtype: bool, others_ok: jax.Array) -> tuple[Leaves, core.Scalars]:
   """One LoRA-RITE step over every pair: phase 1, global scalars, phase 3.
 
   Returns:
@@ -213,8 +213,9 @@ def step(hyper: core.Hyper, pairs, leaves: Leaves, count: jax.Array, dtype,
   seen = [core.unmagnified(grams[i], r_pinv[_partner(i)]) for i in range(len(sides))]
   kept = [core.kept(sn, s.x.rows * sn.gbar_gram.shape[-1], hyper)
           for s, sn in zip(sides, seen, strict=True)]
-  scalars = core.global_scalars(
-      [sn.squared_norm for sn in seen], kept, hyper, dtype, others_finite)
+  factor_grads = [leaves.grads[v.index] for p in pairs for v in (p.a, p.b)]
+  inputs_ok = others_ok & _all_finite(r_pinv) & _gradients_finite(grams, factor_grads)
+  scalars = core.global_scalars([sn.squared_norm for sn in seen], kept, hyper, dtype, inputs_ok)
   written = _phase3(hyper, sides, seen, r_pinv, kept, scalars, count)
 
   outputs = Leaves(*(list(x) for x in leaves))
@@ -224,6 +225,28 @@ def step(hyper: core.Hyper, pairs, leaves: Leaves, count: jax.Array, dtype,
       _scatter(vs if _stacked(vs) else vs[j:j + 1], w, leaves, outputs,
                None if updates_in_param_dtype else group_dtype)
   return outputs, scalars
+
+
+def _all_finite(smalls: list[jax.Array]) -> jax.Array:
+  """Whether every entry of the arrays is finite: each array's largest magnitude (NaN
+  propagates through the max), one check over all of them."""
+  return jnp.all(jnp.isfinite(jnp.stack([jnp.max(jnp.abs(x)) for x in smalls])))
+
+
+def _gradients_finite(grams: list[core.Grams], grads: list[jax.Array]) -> jax.Array:
+  """Whether every factor gradient is finite, read off the r×r Grams ∇Xᵀ∇X.
+
+  A non-finite entry of ∇X makes a diagonal entry of its Gram non-finite, so finite
+  Grams prove finite gradients; but a huge finite gradient (above ~1e19 in
+  float32) overflows its Gram too. Only then, in a branch not taken otherwise,
+  are the gradients themselves read, as they were passed in (a view in the
+  compute layout would be a copy made whether or not the branch runs), each
+  reduced to its largest magnitude (NaN-propagating): an elementwise ``isfinite``
+  there costs a predicate buffer per factor in XLA's temp.
+  """
+  return jax.lax.cond(
+      _all_finite([g.grad for g in grams]), lambda: jnp.array(True),
+      lambda: _all_finite(grads))
 
 
 def _partner(i: int) -> int:

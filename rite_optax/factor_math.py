@@ -92,8 +92,9 @@ def squared_norm(gbar_gram: jax.Array) -> jax.Array:
 def kept_by_skipping(
     squared: jax.Array, size: int, threshold: jax.Array
 ) -> jax.Array:
-  """1 for adapters whose RMS(ḡ) ≤ ``threshold`` (or ``threshold ≤ 0``), else 0."""
-  skip = (threshold > 0) & (squared / size > jnp.square(threshold))
+  """1 for adapters whose RMS(ḡ) ≤ ``threshold`` (or ``threshold ≤ 0``), else 0; a
+  ``squared`` that overflowed (inf, or NaN from inf - inf) is beyond the threshold."""
+  skip = (threshold > 0) & ~(squared / size <= jnp.square(threshold))
   return jnp.where(skip, 0.0, 1.0).astype(squared.dtype)
 
 

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rite_optax import core, engine
+from rite_optax import core, engine, options
 from rite_optax import factor_math as fm
 from rite_optax import pairing as pairing_lib
 
-# The extra argument by which lora_rite tells scale_by_lora_rite whether the
-# gradients of the other (fallback) leaves are finite: both skip the step together.
-_OTHERS_FINITE = 'lora_rite_others_finite'
+# The extra argument by which lora_rite tells scale_by_lora_rite whether the rest of
+# the step is sound (the fallback leaves' gradients finite, the learning rates finite
+# and the traced options in range): both skip the step together.
+_OTHERS_OK = 'lora_rite_others_ok'
 
 # engine.Leaves field <- ScaleByLoraRiteState field, for the params-structured state.
 _STATE_FIELDS = (('moments', 'first_moment'), ('bases', 'basis'),
@@ -59,39 +60,9 @@ class ScaleByLoraRiteState(NamedTuple):
   (1 when the norm was within ``clip_unmagnified_grad``)."""
 
 
-def _check_number(
-    name: str, value: Any, low: float, high: float | None = None, infinite_ok: bool = False):
-  """Validates Python numbers: in range, never NaN, finite unless ``infinite_ok``.
-  Arrays (``inject_hyperparams``) pass through, as their values may be traced."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    if isinstance(value, (jax.Array, jnp.ndarray)) or hasattr(value, 'dtype'):
-      return
-    raise TypeError(f'{name} must be a real number, got {value!r}.')
-  if math.isnan(value) or (math.isinf(value) and not infinite_ok):
-    raise ValueError(f'{name} must be finite, got {value!r}.')
-  if value < low or (high is not None and value >= high):
-    bounds = f'[{low}, {high})' if high is not None else f'>= {low}'
-    raise ValueError(f'{name} must be in {bounds}, got {value!r}.')
-
-
-def _check_learning_rate(name: str, value: Any):
-  """A learning rate is a finite number, an array, or a schedule (a callable)."""
-  if callable(value):
-    return
-  if value is None or isinstance(value, (str, bytes)):
-    raise TypeError(
-        f'{name} must be a number or an optax schedule (a callable of the step),'
-        f' got {value!r}.')
-  _check_number(name, value, -float('inf'))
-
-
-def _check_bool(name: str, value: Any):
-  if not isinstance(value, bool):
-    raise TypeError(f'{name} must be a bool, got {value!r}.')
-
-
 def _paired_or_raise(params: Any, pairing: pairing_lib.Pairing) -> Any:
   paired = pairing_lib.pair_leaves(params, pairing)
+  pairing_lib.require_pairs(params, paired, pairing)
   if paired.unpaired:
     raise ValueError(
         'scale_by_lora_rite only transforms LoRA factors, but these leaves are'
@@ -100,6 +71,19 @@ def _paired_or_raise(params: Any, pairing: pairing_lib.Pairing) -> Any:
         ' optax.partition.'
     )
   return paired
+
+
+def _check_shapes(paired: Any, grads: Any, state: ScaleByLoraRiteState) -> None:
+  """Gradients and state must have the shapes of the factors ``init`` saw."""
+  leaves, treedef = jax.tree.flatten(grads)
+  moments = treedef.flatten_up_to(state.first_moment)
+  for view in (v for pair in paired.pairs for v in (pair.a, pair.b)):
+    for what, leaf in (('its gradient', leaves[view.index]),
+                       ('its LoRA-RITE state (from init)', moments[view.index])):
+      if tuple(leaf.shape) != tuple(view.shape):
+        raise ValueError(
+            f'{view.path}: the factor has shape {tuple(view.shape)} but {what} has shape'
+            f' {tuple(leaf.shape)}. A factor resized since init needs a new state (tx.init).')
 
 
 def _state_dtype(pairs) -> jnp.dtype:
@@ -230,16 +214,16 @@ def _scale_by_lora_rite(
   """:func:`scale_by_lora_rite`; with ``updates_in_param_dtype=False`` the updates stay
   in the compute dtype, so that :func:`lora_rite` rounds them to bf16 params once,
   after the learning rate, not twice."""
-  _check_number('b1', b1, 0.0, 1.0)
-  _check_number('b2', b2, 0.0, 1.0)
-  _check_number('eps', eps, 0.0)
-  # Thresholds: <= 0 and +inf both switch the feature off.
-  _check_number('clip_unmagnified_grad', clip_unmagnified_grad, -float('inf'), infinite_ok=True)
-  _check_number('update_skipping', update_skipping, -float('inf'), infinite_ok=True)
-  _check_number('update_capping', update_capping, -float('inf'), infinite_ok=True)
-  _check_number('weight_decay', weight_decay, 0.0)
-  _check_bool('relative_eps', relative_eps)
-  _check_bool('apply_escape', apply_escape)
+  checks = {
+      'b1': (b1, options.UNIT), 'b2': (b2, options.UNIT), 'eps': (eps, options.NON_NEGATIVE),
+      'clip_unmagnified_grad': (clip_unmagnified_grad, options.THRESHOLD),
+      'update_skipping': (update_skipping, options.THRESHOLD),
+      'update_capping': (update_capping, options.THRESHOLD),
+      'weight_decay': (weight_decay, options.NON_NEGATIVE)}
+  for name, (value, allowed) in checks.items():
+    options.check_number(name, value, allowed)
+  options.check_bool('relative_eps', relative_eps)
+  options.check_bool('apply_escape', apply_escape)
   pairing = pairing_lib.resolve(pairing)
   capping_off = isinstance(update_capping, numbers.Real) and not 0 < update_capping < math.inf
   hyper = core.Hyper(
@@ -255,15 +239,18 @@ def _scale_by_lora_rite(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError('scale_by_lora_rite needs params: call update(grads, state, params).')
-    others_finite = extra_args.get(_OTHERS_FINITE, jnp.array(True))
+    # A traced option out of range (inject_hyperparams) skips the step, as a
+    # non-finite gradient does.
+    others_ok = extra_args.get(_OTHERS_OK, jnp.array(True)) & options.traced_ok(checks)
     paired = _paired_or_raise(params, pairing)
+    _check_shapes(paired, updates, state)
     grads, treedef = jax.tree.flatten(updates)
     leaves = engine.Leaves(
         factors=jax.tree.leaves(params), grads=grads,
         **{name: treedef.flatten_up_to(getattr(state, field)) for name, field in _STATE_FIELDS})
     dtype = _state_dtype(paired.pairs)
     out, scalars = engine.step(hyper, paired.pairs, leaves, state.count.astype(dtype), dtype,
-                               updates_in_param_dtype, others_finite)
+                               updates_in_param_dtype, others_ok)
     return jax.tree.unflatten(treedef, out.factors), _next_state(state, out, scalars, treedef)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -361,6 +348,7 @@ def lora_rite(
     unpaired: str = 'adamw',
     unpaired_learning_rate: optax.ScalarOrSchedule | None = None,
     unpaired_weight_decay: float = 1e-4,
+    unpaired_eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   """LoRA-RITE for LoRA factors, with a fallback for every other trainable leaf.
 
@@ -368,8 +356,9 @@ def lora_rite(
   ``weight_decay·param`` added outside the preconditioner, as in the paper's
   code), then ``-learning_rate``. Leaves that are not factors (biases, norms, heads)
   are handled as ``unpaired`` says: ``'adamw'`` (``optax.adamw`` with ``b1``,
-  ``b2``, ``eps=1e-8``, ``unpaired_learning_rate`` defaulting to
-  ``learning_rate``, and ``unpaired_weight_decay``), ``'zero'`` (frozen), or
+  ``b2``, ``unpaired_eps``, ``unpaired_learning_rate`` defaulting to
+  ``learning_rate``, and ``unpaired_weight_decay``, computed and kept in the compute
+  dtype: float32 for bfloat16 and float16 params), ``'zero'`` (frozen), or
   ``'error'`` (raise at ``init``, naming them).
 
   Example::
@@ -394,6 +383,8 @@ def lora_rite(
     unpaired: ``'adamw'``, ``'zero'`` or ``'error'``.
     unpaired_learning_rate: learning rate of the AdamW fallback.
     unpaired_weight_decay: weight decay of the AdamW fallback.
+    unpaired_eps: the AdamW fallback's denominator epsilon (in its float32 compute
+      dtype for half-precision params, so the default is safe in float16).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -405,14 +396,15 @@ def lora_rite(
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
     for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
-  if unpaired not in UNPAIRED_CHOICES:
-    raise ValueError(
-        f'unpaired must be one of {UNPAIRED_CHOICES}, got {unpaired!r}.')
-  _check_learning_rate('learning_rate', learning_rate)
+  options.check_choice('unpaired', unpaired, UNPAIRED_CHOICES)
+  options.check_learning_rate('learning_rate', learning_rate)
   if unpaired_learning_rate is not None:
-    _check_learning_rate('unpaired_learning_rate', unpaired_learning_rate)
-  _check_number('unpaired_weight_decay', unpaired_weight_decay, 0.0)
-  _check_bool('balance_factors', balance_factors)
+    options.check_learning_rate('unpaired_learning_rate', unpaired_learning_rate)
+  fallback_checks = {'unpaired_weight_decay': (unpaired_weight_decay, options.NON_NEGATIVE),
+                     'unpaired_eps': (unpaired_eps, options.NON_NEGATIVE)}
+  for name, (value, allowed) in fallback_checks.items():
+    options.check_number(name, value, allowed)
+  options.check_bool('balance_factors', balance_factors)
   rite = optax.chain(
       _scale_by_lora_rite(
           b1=b1, b2=b2, eps=eps, relative_eps=relative_eps,
@@ -422,10 +414,12 @@ def lora_rite(
           updates_in_param_dtype=False),
       optax.scale_by_learning_rate(learning_rate),
   )
+  fallback_learning_rate = (
+      learning_rate if unpaired_learning_rate is None else unpaired_learning_rate)
   if unpaired == 'adamw':
-    fallback = optax.adamw(
-        learning_rate if unpaired_learning_rate is None else unpaired_learning_rate,
-        b1=b1, b2=b2, eps=1e-8, weight_decay=unpaired_weight_decay)
+    fallback = _in_compute_dtype(optax.adamw(
+        fallback_learning_rate, b1=b1, b2=b2, eps=unpaired_eps,
+        weight_decay=unpaired_weight_decay))
   else:
     fallback = optax.set_to_zero()
   tx = optax.partition(
@@ -433,8 +427,34 @@ def lora_rite(
       factor_labels(pairing, unpaired))
   if balance_factors:
     tx = optax.chain(tx, balance_lora_factors(pairing))
+
+  def options_ok(count: jax.Array) -> jax.Array:
+    """The learning rates at this step finite, the fallback's traced options in range."""
+    ok = options.learning_rate_ok(learning_rate, count)
+    if unpaired == 'adamw':
+      ok &= options.learning_rate_ok(fallback_learning_rate, count)
+      ok &= options.traced_ok(fallback_checks)
+    return ok
+
   return pairing_lib.with_pairing(
-      _skip_whole_step(tx, pairing, check_unpaired=unpaired == 'adamw'), pairing)
+      _skip_whole_step(tx, pairing, check_unpaired=unpaired == 'adamw', options_ok=options_ok),
+      pairing)
+
+
+def _in_compute_dtype(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` with its state, gradients and params in the params' compute dtype
+  (float32 for bfloat16 and float16 params): its state keeps the dtypes ``init``
+  gave it whatever the gradients' dtype, and ``eps = 1e-8`` is not 0 as in float16.
+  Updates come back in the compute dtype (:func:`lora_rite` casts them to the params')."""
+
+  def cast(tree, like):
+    return jax.tree.map(lambda x, p: x.astype(fm.compute_dtype(p.dtype)), tree, like)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    return inner.update(cast(updates, params), state, cast(params, params))
+
+  return optax.GradientTransformation(lambda params: inner.init(cast(params, params)), update_fn)
 
 
 def _rite_states(state: Any) -> list[ScaleByLoraRiteState]:
@@ -483,43 +503,55 @@ def diagnostics(state: Any) -> dict[str, jax.Array]:
 
 
 def _skip_whole_step(
-    inner: optax.GradientTransformation, pairing: pairing_lib.Pairing, check_unpaired: bool
+    inner: optax.GradientTransformation, pairing: pairing_lib.Pairing, check_unpaired: bool,
+    options_ok: Callable[[jax.Array], jax.Array],
 ) -> optax.GradientTransformationExtraArgs:
-  """Skips ``inner``'s whole step when any gradient is not finite.
+  """Skips ``inner``'s whole step when anything makes it unsound.
 
-  ``scale_by_lora_rite`` alone skips the factors' step on a non-finite
-  unmagnified gradient; here a non-finite gradient of any other leaf (a bias, a
-  norm) skips the step too, and a skipped step leaves every update zero and
-  every inner state (the fallback's moments, the schedule's count) as it was,
-  except LoRA-RITE's ``skipped``, which counts it. Only the other leaves'
-  gradients are checked here; LoRA-RITE is told the result (an extra argument)
-  and folds it into its own finiteness check, so that it keeps its factor-sized
-  state without a second select here, and the step's verdict is read back from
-  its ``skipped``. The other leaves are checked only when ``check_unpaired`` (they are
-  applied: with ``unpaired='zero'`` they are discarded, and checking them would
-  make XLA compute the frozen weights' gradients). Updates come back in the
-  params' dtypes, whatever the gradients' dtypes.
+  ``scale_by_lora_rite`` skips the factors' step on a non-finite factor gradient
+  or a traced option out of range; here a non-finite gradient of any other leaf
+  (a bias, a norm) or one whose square overflows (AdamW's second moment could not
+  hold it), a non-finite learning rate at this step (a schedule, or an
+  ``inject_hyperparams`` array) and a traced fallback option out of range
+  (``options_ok`` of the step count) skip the step too. A skipped step leaves
+  every update zero and every inner state (the fallback's moments, the
+  schedule's count) as it was, except LoRA-RITE's ``skipped``, which counts it.
+  LoRA-RITE is told this verdict (an extra argument) and folds it into its own,
+  so that it keeps its factor-sized state without a second select here; the
+  step's verdict is read back from its ``skipped``. The other leaves'
+  gradients are checked only when ``check_unpaired`` (they are applied: with
+  ``unpaired='zero'`` they are discarded, and checking them would make XLA
+  compute the frozen weights' gradients). Updates come back in the params'
+  dtypes, whatever the gradients' dtypes.
   """
+
+  def init_fn(params):
+    pairing_lib.require_pairs(params, pairing_lib.pair_leaves(params, pairing), pairing)
+    return inner.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError('lora_rite needs params: call update(grads, state, params).')
     paired = pairing_lib.pair_leaves(params, pairing)
-    others_finite = jnp.array(True)
-    for i, g in enumerate(jax.tree.leaves(updates)):
+    pairing_lib.require_pairs(params, paired, pairing)
+    (old_rite,) = _rite_states(state)
+    others_ok = options_ok(old_rite.count)
+    for i, (g, p) in enumerate(zip(jax.tree.leaves(updates), jax.tree.leaves(params),
+                                   strict=True)):
       if check_unpaired and i not in paired.factor_indices:
-        others_finite &= jnp.all(jnp.isfinite(g))
+        # g² finite in the fallback's compute dtype: AdamW's second moment can hold it.
+        others_ok &= jnp.all(jnp.isfinite(jnp.square(g.astype(fm.compute_dtype(p.dtype)))))
     new_updates, new_state = inner.update(
-        updates, state, params, **extra_args, **{_OTHERS_FINITE: others_finite})
-    (old_rite,), (new_rite,) = _rite_states(state), _rite_states(new_state)
-    finite = new_rite.skipped == old_rite.skipped
+        updates, state, params, **extra_args, **{_OTHERS_OK: others_ok})
+    (new_rite,) = _rite_states(new_state)
+    applied = new_rite.skipped == old_rite.skipped
     new_updates = jax.tree.map(
-        lambda u, p: jnp.where(finite, u, 0).astype(p.dtype), new_updates, params)
-    # LoRA-RITE kept its own state on a skipped step (it was told others_finite).
+        lambda u, p: jnp.where(applied, u, 0).astype(p.dtype), new_updates, params)
+    # LoRA-RITE kept its own state on a skipped step (it was told others_ok).
     is_rite = lambda x: isinstance(x, ScaleByLoraRiteState)
     new_state = jax.tree.map(
-        lambda new, old: new if is_rite(new) else jnp.where(finite, new, old),
+        lambda new, old: new if is_rite(new) else jnp.where(applied, new, old),
         new_state, state, is_leaf=is_rite)
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -515,6 +515,10 @@ def _checked_pair(key: str, a: FactorView, b: FactorView) -> FactorPair:
     )
   if a.rank == 0:
     raise ValueError(f'{a.path} and {b.path}: rank 0 (shapes {a.shape}, {b.shape}).')
+  if 0 in a.shape or 0 in b.shape:
+    raise ValueError(
+        f'{a.path} and {b.path}: zero-size factor (shapes {a.shape}, {b.shape}); an adapter'
+        ' needs rows on both sides.')
   if a.batch_shape != b.batch_shape:
     raise ValueError(
         f'{a.path} and {b.path}: batch axes differ in size,'
@@ -540,7 +544,8 @@ def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
   Raises:
     ValueError: a factor without its partner, a leaf matched by two rules, two
       factors with the same role and pair key, or shapes that do not pair (rank
-      or batch sizes differ, rank 0). The message names the offending paths.
+      or batch sizes differ, rank 0, a zero-size factor). The message names the
+      offending paths.
 
   Warns (``UserWarning``) when a pair's rank exceeds a factor's rows
   (:func:`layout_warning`).
@@ -593,6 +598,40 @@ def pair_leaves(tree: Any, pairing: str | Pairing) -> PairedTree:
     pairs.append(pair)
   pairs.sort(key=lambda p: p.a.index)
   return PairedTree(tuple(pairs), tuple(unpaired), tuple(paths))
+
+
+def require_pairs(tree: Any, paired: PairedTree, pairing: str | Pairing) -> None:
+  """Raises :func:`no_pairs_error` when ``pairing`` found no pair in ``tree``.
+
+  A tree without leaves of the type ``optax.tree_map_params`` passes to ``init``
+  (its params placeholder) is let through: it asks for the state's layout, not
+  for an optimizer of nothing.
+  """
+  placeholder = type(tree).__name__ == '_ParamsPlaceholder' and not jax.tree.leaves(tree)
+  if not paired.pairs and not placeholder:
+    raise no_pairs_error(tree, pairing)
+
+
+def no_pairs_error(tree: Any, pairing: str | Pairing) -> ValueError:
+  """The error for a tree in which ``pairing`` finds no pair, naming the presets that
+  do find pairs in it (a forgotten ``pairing='qwix'``, say)."""
+  pairing = resolve(pairing)
+  fits = []
+  for name in PRESETS:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      try:
+        if name != pairing.name and pair_leaves(tree, name).pairs:
+          fits.append(name)
+      except (ValueError, TypeError):
+        pass
+  paths = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  hint = (f' They pair under pairing={" or ".join(map(repr, fits))}.' if fits
+          else ' Pass the pairing preset or Pairing that matches the factor names.')
+  shown = paths[:8] + (['...'] if len(paths) > 8 else [])
+  return ValueError(
+      f'pairing {pairing.name!r} finds no LoRA factor pair in the params (leaves: {shown}).'
+      + hint)
 
 
 def describe(
