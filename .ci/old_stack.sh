@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI: the core, sharding, pmap and checkpoint tests on the oldest supported stack
+# CI: the core, sharding, pmap, checkpoint and option/reliability tests on the oldest supported stack
 # (jax 0.7.x, T5X's current floor) with the flax/optax/orbax that go with it.
 # Usage: .ci/old_stack.sh [venv dir]   (default: a fresh temporary directory)
 set -euo pipefail
@@ -21,4 +21,5 @@ python3 -m venv "$venv"
 "$venv/bin/python" -c 'import jax, flax, optax, orbax.checkpoint as ocp; print("old stack: jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax-checkpoint", ocp.__version__)'
 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_lora_rite.py tests/test_lora_rite_robustness.py tests/test_optax_integration.py \
-  tests/test_sharding.py tests/test_pmap.py tests/test_checkpoint.py
+  tests/test_sharding.py tests/test_pmap.py tests/test_checkpoint.py \
+  tests/test_options.py tests/test_reliability.py
