@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rite_optax import core, engine, options
+from rite_optax import core, engine, multihost, options
 from rite_optax import factor_math as fm
 from rite_optax import pairing as pairing_lib
 
@@ -165,6 +165,7 @@ def scale_by_lora_rite(
 def _init_state(params: Any, pairing: pairing_lib.Pairing) -> ScaleByLoraRiteState:
   """Zeros for every factor's state; other leaves keep their place (never read)."""
   paired = _paired_or_raise(params, pairing)
+  multihost.check_same_plan(params, paired, pairing)
   leaves, treedef = jax.tree.flatten(params)
   moments, bases, seconds, escapes = (list(leaves) for _ in range(4))
   for pair in paired.pairs:
@@ -526,7 +527,9 @@ def _skip_whole_step(
   """
 
   def init_fn(params):
-    pairing_lib.require_pairs(params, pairing_lib.pair_leaves(params, pairing), pairing)
+    paired = pairing_lib.pair_leaves(params, pairing)
+    pairing_lib.require_pairs(params, paired, pairing)
+    multihost.check_same_plan(params, paired, pairing_lib.resolve(pairing))
     return inner.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):

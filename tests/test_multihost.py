@@ -1,0 +1,116 @@
+"""Multi-controller JAX, as every TPU pod slice runs: one process per host (here N
+processes on localhost, gloo collectives), against the same run in one process."""
+
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import rite_optax
+from tests import multiprocess
+from tests import test_sharding as sh
+
+pytestmark = pytest.mark.slow
+MESH = ((2, 4), ('data', 'model'))
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {f'{i:03d}{jax.tree_util.keystr(path)}': np.asarray(x)
+          for i, (path, x) in enumerate(leaves)}
+
+
+def train(index):
+  """Scenario: test_sharding's problem, STEPS steps on a (2, 4) mesh over every process;
+  params and the basis-free state (diagnostics included), gathered to every host."""
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  del index
+  params, targets = sh.problem()
+  params, state = sh.run(params, targets, sh.STEPS, sh.make_mesh(*MESH), sh.row_specs(*MESH[1]))
+  return flat(multihost_utils.process_allgather(
+      {'params': params, 'state': sh.z_space(state)}, tiled=True))
+
+
+def unflat(arrays: dict[str, np.ndarray], like):
+  return jax.tree.unflatten(jax.tree.structure(like), [arrays[k] for k in sorted(arrays)])
+
+
+@pytest.fixture(scope='module')
+def one_process(unsharded):
+  """The same (2, 4) mesh in this process (8 devices), and the float64 run."""
+  params, targets = sh.problem()
+  sharded = sh.run(params, targets, sh.STEPS, sh.make_mesh(*MESH), sh.row_specs(*MESH[1]))
+  like = {'params': sharded[0], 'state': sh.z_space(sharded[1])}
+  exact = {'params': unsharded[1][0], 'state': sh.z_space(unsharded[1][1])}
+  return jax.tree.map(np.asarray, like), exact
+
+
+unsharded = sh.unsharded
+
+
+@pytest.mark.parametrize('processes,devices', [(2, 4), (4, 2)])
+def test_processes_match_one_process_within_the_sharding_tolerance(processes, devices,
+                                                                   one_process):
+  baseline, exact = one_process
+  results = multiprocess.launch('tests.test_multihost:train', processes, devices)
+  for result in results:
+    got = unflat(result, baseline)
+    sh.assert_rounding_level(got, baseline, exact, sh.STEPS)
+    jax.tree.map(np.testing.assert_array_equal, got, unflat(results[0], baseline))
+
+
+def drift(index):
+  """Scenario: process 1 builds one adapter more than the others."""
+  params, _ = sh.problem()
+  if index == 1:
+    params = dict(params, extra={'lora_a': np.ones((8, 2), np.float32),
+                                 'lora_b': np.ones((2, 4), np.float32)})
+  pairing = rite_optax.Pairing(sh.SCANNED.rules + (
+      rite_optax.FactorRule(r'(?P<pair>extra)/lora_a', 'a'),
+      rite_optax.FactorRule(r'(?P<pair>extra)/lora_b', 'b')), name='drift')
+  start = time.monotonic()
+  try:
+    jax.jit(rite_optax.lora_rite(1e-3, pairing=pairing).init)(params)
+    error = ''
+  except ValueError as e:
+    error = str(e)
+  return {'error': np.array(error), 'seconds': np.array(time.monotonic() - start)}
+
+
+def test_a_process_with_another_tree_fails_on_every_process_naming_the_leaf():
+  results = multiprocess.launch('tests.test_multihost:drift', 2, 1, timeout=120)
+  for index, result in enumerate(results):
+    error = str(result['error'])
+    assert f'process {index} and process {1 - index} derived different LoRA pair plans' in error
+    assert 'they first differ at entry 2' in error, error
+    assert 'extra/lora_a a (8, 2)' in error and 'q/lora_a a (64, 4)' in error, error
+    assert float(result['seconds']) < 20
+
+
+def stuck(index, pid_dir):
+  """Scenario: process 0 fails at once, process 1 would wait forever."""
+  (pathlib.Path(pid_dir) / f'{index}.pid').write_text(str(os.getpid()))
+  if index == 0:
+    raise RuntimeError('planted failure in process 0')
+  time.sleep(3600)
+  return {}
+
+
+@pytest.mark.parametrize('timeout', [5.0, 120.0])
+def test_a_failed_or_stuck_run_kills_every_process(tmp_path, timeout):
+  """Process 0 fails: the harness reports its traceback and kills process 1 (120 s);
+  or the run outlives its timeout (5 s, before process 0 may even fail): every
+  process is killed all the same, none outlives the call."""
+  start = time.monotonic()
+  with pytest.raises(RuntimeError, match='tests.test_multihost:stuck (failed|timed out)'):
+    multiprocess.launch('tests.test_multihost:stuck', 2, 1, timeout=timeout,
+                        args=(str(tmp_path),))
+  assert time.monotonic() - start < 60
+  pids = [int(p.read_text()) for p in tmp_path.glob('*.pid')]
+  for pid in pids:
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
