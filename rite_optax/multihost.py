@@ -69,11 +69,16 @@ def check_same_plan(tree: Any, paired: pairing_lib.PairedTree,
           f' process {me}: every process must initialise the same optimizers in the same'
           ' order.') from e
     if theirs != lines:
-      index = next(i for i, (a, b) in enumerate(zip(lines + [''], theirs + [''])) if a != b)
-      show = lambda xs: xs[index] if index < len(xs) else '<no such leaf>'
-      raise ValueError(
-          f'process {me} and process {other} derived different LoRA pair plans'
-          f' ({len(lines) - 1} vs {len(theirs) - 1} leaves); they first differ at entry'
-          f' {index}: here {show(lines)}, there {show(theirs)}. Every process must build'
-          ' the same param tree and pairing: otherwise they trace different programs and'
-          ' hang in a collective.')
+      raise _mismatch(me, other, lines, theirs)
+
+
+def _mismatch(me: int, other: int, lines: list[str], theirs: list[str]) -> ValueError:
+  index = next(i for i, (a, b) in enumerate(zip(lines + [''], theirs + [''], strict=False))
+               if a != b)
+  show = lambda xs: xs[index] if index < len(xs) else '<no such leaf>'
+  return ValueError(
+      f'process {me} and process {other} derived different LoRA pair plans'
+      f' ({len(lines) - 1} vs {len(theirs) - 1} leaves); they first differ at entry'
+      f' {index}: here {show(lines)}, there {show(theirs)}. Every process must build'
+      ' the same param tree and pairing: otherwise they trace different programs and'
+      ' hang in a collective.')
