@@ -114,3 +114,41 @@ def test_a_failed_or_stuck_run_kills_every_process(tmp_path, timeout):
   for pid in pids:
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
+
+
+def save_at_ten(index, path):
+  """Scenario: SAVE_AT steps on (2, 4) over every process, saved by all of them with an
+  async CheckpointManager; the saved train state, gathered, for comparison."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  from tests import test_checkpoint as ck  # noqa: PLC0415
+
+  del index
+  trainer = ck.Trainer(*ck.SQUARE_2D)
+  at_save = trainer.run(trainer.initial, ck.SAVE_AT)
+  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=True)) as manager:
+    manager.save(ck.SAVE_AT, args=ocp.args.StandardSave(at_save))
+    manager.wait_until_finished()
+  return flat(multihost_utils.process_allgather(at_save, tiled=True))
+
+
+def test_a_checkpoint_of_two_processes_resumes_in_one(tmp_path, unsharded):
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from tests import test_checkpoint as ck  # noqa: PLC0415
+
+  saved = multiprocess.launch('tests.test_multihost:save_at_ten', 2, 4,
+                              args=(str(tmp_path / 'run'),))[0]
+  trainer = ck.Trainer(*ck.SQUARE_2D)
+  with ocp.CheckpointManager(tmp_path / 'run') as manager:
+    assert manager.latest_step() == ck.SAVE_AT
+    restored = manager.restore(ck.SAVE_AT, args=ocp.args.StandardRestore(trainer.abstract()))
+  ck.assert_bit_identical(restored, unflat(saved, restored))
+  resumed = trainer.run(restored, ck.STEPS - ck.SAVE_AT)
+  assert int(sh.rite_state(resumed['opt_state']).count) == ck.STEPS == sh.STEPS
+  (baseline_params, baseline_state), (exact_params, exact_state) = unsharded
+  sh.assert_rounding_level(resumed['params'], baseline_params, exact_params, sh.STEPS)
+  sh.assert_rounding_level(sh.z_space(resumed['opt_state']), sh.z_space(baseline_state),
+                           sh.z_space(exact_state), sh.STEPS)
