@@ -71,8 +71,9 @@ def launch(target: str, processes: int, devices: int, timeout: float = 180.0,
       for i, log in enumerate(logs):
         log.seek(0)
         text.append(f'--- process {i} (exit {codes[i]}) ---\n{log.read()[-4000:]}')
-      reason = 'timed out' if None in codes else 'failed'
-      raise RuntimeError(f'{target} {reason} after {timeout} s:\n' + '\n'.join(text))
+      failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+      reason = f'failed in process {failed}' if failed else f'timed out after {timeout} s'
+      raise RuntimeError(f'{target} {reason}:\n' + '\n'.join(text))
     for log in logs:
       log.close()
     return [dict(np.load(pathlib.Path(out) / f'{i}.npz')) for i in range(processes)]

@@ -152,3 +152,55 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(tmp_path, unsharded):
   sh.assert_rounding_level(resumed['params'], baseline_params, exact_params, sh.STEPS)
   sh.assert_rounding_level(sh.z_space(resumed['opt_state']), sh.z_space(baseline_state),
                            sh.z_space(exact_state), sh.STEPS)
+
+
+def preemptible(index, path, kill):
+  """Scenario: train to STEPS from the latest complete checkpoint in ``path`` (async
+  saves every 5 steps); with ``kill``, process 1 is SIGKILLed at step 12 after the save
+  at 10 is complete ('between_saves'), or as soon as the save at 15 is under way
+  ('during_save')."""
+  import signal  # noqa: PLC0415
+
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  from tests import test_checkpoint as ck  # noqa: PLC0415
+
+  trainer = ck.Trainer(*ck.SQUARE_2D)
+  die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True)
+  with ocp.CheckpointManager(path, options=options) as manager:
+    start = manager.latest_step()
+    state = trainer.initial if start is None else manager.restore(
+        start, args=ocp.args.StandardRestore(trainer.abstract()))
+    for step in range((start or 0) + 1, ck.STEPS + 1):
+      state = trainer.run(state, 1)
+      if step % 5 == 0:
+        manager.save(step, args=ocp.args.StandardSave(state))
+        if kill == 'during_save' and index == 1 and step == 15:
+          die()
+      if kill == 'between_saves' and index == 1 and step == 12:
+        manager.wait_until_finished()
+        jax.block_until_ready(state)
+        die()
+    manager.wait_until_finished()
+  result = flat(multihost_utils.process_allgather(state, tiled=True))
+  return dict(result, restored_from=np.array(-1 if start is None else start))
+
+
+def test_preempted_processes_resume_from_the_last_complete_checkpoint(tmp_path):
+  """SIGKILL of one process between saves, then during a save; every process restarted
+  each time. The run resumes from the last complete checkpoint (10: the save at 15 was
+  cut) and ends bit-identical to the uninterrupted run."""
+  run = str(tmp_path / 'run')
+  for kill in ('between_saves', 'during_save'):
+    with pytest.raises(RuntimeError, match='preemptible failed'):
+      multiprocess.launch('tests.test_multihost:preemptible', 2, 4, args=(run, kill))
+  resumed = multiprocess.launch('tests.test_multihost:preemptible', 2, 4, args=(run, 'none'))
+  reference = multiprocess.launch('tests.test_multihost:preemptible', 2, 4,
+                                  args=(str(tmp_path / 'reference'), 'none'))
+  assert int(resumed[0].pop('restored_from')) == 10
+  assert int(reference[0].pop('restored_from')) == -1
+  assert resumed[0].keys() == reference[0].keys()
+  for key, value in reference[0].items():
+    np.testing.assert_array_equal(resumed[0][key], value, err_msg=key)
