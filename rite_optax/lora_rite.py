@@ -313,6 +313,7 @@ def factor_labels(
   With ``unpaired='error'`` the function raises, naming every leaf that is not
   a factor. Use it with ``optax.partition`` to build your own combinations.
   """
+  options.check_choice('unpaired', unpaired, UNPAIRED_CHOICES)
   pairing = pairing_lib.resolve(pairing)
 
   def labels(params):

@@ -109,3 +109,10 @@ def test_traced_ok_ignores_python_numbers_and_checks_arrays():
   assert bool(options.learning_rate_ok(lambda c: jnp.where(c > 5, NAN, 1.0), count))
   assert bool(options.learning_rate_ok(1e-3, count))
   np.testing.assert_array_equal(options.learning_rate_ok(jnp.asarray(INF), count), False)
+
+
+@pytest.mark.parametrize('make', [lambda: rite_optax.lora_rite(1e-3, unpaired='frozen'),
+                                  lambda: rite_optax.factor_labels('nnx', 'frozen')])
+def test_unpaired_must_be_a_known_choice(make):
+  with pytest.raises(ValueError, match=r"^unpaired must be one of \('adamw', 'zero', 'error'\)"):
+    make()
