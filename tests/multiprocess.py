@@ -25,6 +25,7 @@ import traceback
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+CACHE = pathlib.Path(tempfile.gettempdir()) / f'rite_optax_multiprocess_cache_{os.getuid()}'
 
 
 def free_port() -> int:
@@ -48,7 +49,10 @@ def launch(target: str, processes: int, devices: int, timeout: float = 180.0,
            args: tuple[str, ...] = ()) -> list[dict[str, np.ndarray]]:
   """Runs ``target`` ('module:function') in ``processes`` JAX processes; their results."""
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+             # Launches of one scenario compile the same programs: share them.
+             JAX_COMPILATION_CACHE_DIR=str(CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   port = free_port()
   with tempfile.TemporaryDirectory() as out:
     logs = [open(pathlib.Path(out) / f'{i}.log', 'w+') for i in range(processes)]  # noqa: SIM115
