@@ -73,13 +73,11 @@ def _paired_or_raise(params: Any, pairing: pairing_lib.Pairing) -> Any:
   return paired
 
 
-def _check_shapes(paired: Any, grads: Any, state: ScaleByLoraRiteState) -> None:
+def _check_shapes(paired: Any, leaves: engine.Leaves) -> None:
   """Gradients and state must have the shapes of the factors ``init`` saw."""
-  leaves, treedef = jax.tree.flatten(grads)
-  moments = treedef.flatten_up_to(state.first_moment)
   for view in (v for pair in paired.pairs for v in (pair.a, pair.b)):
-    for what, leaf in (('its gradient', leaves[view.index]),
-                       ('its LoRA-RITE state (from init)', moments[view.index])):
+    for what, leaf in (('its gradient', leaves.grads[view.index]),
+                       ('its LoRA-RITE state (from init)', leaves.moments[view.index])):
       if tuple(leaf.shape) != tuple(view.shape):
         raise ValueError(
             f'{view.path}: the factor has shape {tuple(view.shape)} but {what} has shape'
@@ -244,11 +242,11 @@ def _scale_by_lora_rite(
     # non-finite gradient does.
     others_ok = extra_args.get(_OTHERS_OK, jnp.array(True)) & options.traced_ok(checks)
     paired = _paired_or_raise(params, pairing)
-    _check_shapes(paired, updates, state)
     grads, treedef = jax.tree.flatten(updates)
     leaves = engine.Leaves(
         factors=jax.tree.leaves(params), grads=grads,
         **{name: treedef.flatten_up_to(getattr(state, field)) for name, field in _STATE_FIELDS})
+    _check_shapes(paired, leaves)
     dtype = _state_dtype(paired.pairs)
     out, scalars = engine.step(hyper, paired.pairs, leaves, state.count.astype(dtype), dtype,
                                updates_in_param_dtype, others_ok)
@@ -398,15 +396,14 @@ def lora_rite(
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
     for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
-  options.check_choice('unpaired', unpaired, UNPAIRED_CHOICES)
+  labels = factor_labels(pairing, unpaired)  # checks unpaired
   options.check_learning_rate('learning_rate', learning_rate)
   if unpaired_learning_rate is not None:
     options.check_learning_rate('unpaired_learning_rate', unpaired_learning_rate)
-  fallback_checks = {'unpaired_weight_decay': (unpaired_weight_decay, options.NON_NEGATIVE),
-                     'unpaired_eps': (unpaired_eps, options.NON_NEGATIVE)}
-  for name, (value, allowed) in fallback_checks.items():
-    options.check_number(name, value, allowed)
   options.check_bool('balance_factors', balance_factors)
+  fallback, fallback_ok = _fallback(
+      unpaired, learning_rate if unpaired_learning_rate is None else unpaired_learning_rate,
+      b1=b1, b2=b2, eps=unpaired_eps, weight_decay=unpaired_weight_decay)
   rite = optax.chain(
       _scale_by_lora_rite(
           b1=b1, b2=b2, eps=eps, relative_eps=relative_eps,
@@ -416,31 +413,28 @@ def lora_rite(
           updates_in_param_dtype=False),
       optax.scale_by_learning_rate(learning_rate),
   )
-  fallback_learning_rate = (
-      learning_rate if unpaired_learning_rate is None else unpaired_learning_rate)
-  if unpaired == 'adamw':
-    fallback = _in_compute_dtype(optax.adamw(
-        fallback_learning_rate, b1=b1, b2=b2, eps=unpaired_eps,
-        weight_decay=unpaired_weight_decay))
-  else:
-    fallback = optax.set_to_zero()
-  tx = optax.partition(
-      {'lora_rite': rite, 'unpaired': fallback},
-      factor_labels(pairing, unpaired))
+  tx = optax.partition({'lora_rite': rite, 'unpaired': fallback}, labels)
   if balance_factors:
     tx = optax.chain(tx, balance_lora_factors(pairing))
-
-  def options_ok(count: jax.Array) -> jax.Array:
-    """The learning rates at this step finite, the fallback's traced options in range."""
-    ok = options.learning_rate_ok(learning_rate, count)
-    if unpaired == 'adamw':
-      ok &= options.learning_rate_ok(fallback_learning_rate, count)
-      ok &= options.traced_ok(fallback_checks)
-    return ok
-
+  options_ok = lambda count: options.learning_rate_ok(learning_rate, count) & fallback_ok(count)
   return pairing_lib.with_pairing(
       _skip_whole_step(tx, pairing, check_unpaired=unpaired == 'adamw', options_ok=options_ok),
       pairing)
+
+
+def _fallback(unpaired: str, learning_rate, *, b1, b2, eps, weight_decay):
+  """The transformation of the leaves that are not factors, and ``count -> bool``:
+  its learning rate at that step finite and its traced options in range."""
+  if unpaired != 'adamw':
+    return optax.set_to_zero(), lambda count: jnp.array(True)
+  checks = {'unpaired_weight_decay': (weight_decay, options.NON_NEGATIVE),
+            'unpaired_eps': (eps, options.NON_NEGATIVE)}
+  for name, (value, allowed) in checks.items():
+    options.check_number(name, value, allowed)
+  adamw = _in_compute_dtype(optax.adamw(
+      learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return adamw, lambda count: (options.learning_rate_ok(learning_rate, count)
+                               & options.traced_ok(checks))
 
 
 def _in_compute_dtype(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -537,7 +531,6 @@ def _skip_whole_step(
     if params is None:
       raise ValueError('lora_rite needs params: call update(grads, state, params).')
     paired = pairing_lib.pair_leaves(params, pairing)
-    pairing_lib.require_pairs(params, paired, pairing)
     (old_rite,) = _rite_states(state)
     others_ok = options_ok(old_rite.count)
     for i, (g, p) in enumerate(zip(jax.tree.leaves(updates), jax.tree.leaves(params),
