@@ -8,8 +8,8 @@ product ``a @ b`` is the same in every run.
 
 Usage::
 
-  python benchmarks/compare.py --out out/compare          # full run (README)
-  python benchmarks/compare.py --quick --out /tmp/compare  # smoke test
+  python -m benchmarks.compare --out out/compare          # full run (docs/evidence.md)
+  python -m benchmarks.compare --quick --out /tmp/compare  # smoke test
 
 Writes ``results.md``, ``results.json`` and PNG plots to ``--out``; the
 pretrained LM is cached there too.
@@ -33,10 +33,8 @@ from tqdm import tqdm
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _problems  # noqa: E402
-
-import rite_optax  # noqa: E402
+import rite_optax
+from benchmarks import _problems
 
 OPTIMIZERS = {
     'lora_rite': lambda lr: rite_optax.lora_rite(lr),
@@ -268,7 +266,7 @@ def main(argv=None):
   machine = (f'{platform.processor() or platform.machine()},'
              f' {os.cpu_count()} CPU cores, jax {jax.__version__},'
              f' optax {optax.__version__}')
-  command = ' '.join(['python benchmarks/compare.py', *(argv or sys.argv[1:])])
+  command = ' '.join(['python -m benchmarks.compare', *(argv or sys.argv[1:])])
   lr_grid = ', '.join(f'{lr:g}' for lr in cfg['lrs'])
   report = '\n\n'.join([
       f'Command: `{command}` ({wall / 60:.1f} min on {machine}).',

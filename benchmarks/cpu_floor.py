@@ -1,7 +1,7 @@
 """How fast a LoRA-RITE step could be on this CPU, next to optax.adam's step.
 
-    python benchmarks/cpu_floor.py                        # xxl_attn_r16
-    python benchmarks/cpu_floor.py --workload xxl_attn_mlp_r16
+    python -m benchmarks.cpu_floor                        # xxl_attn_r16
+    python -m benchmarks.cpu_floor --workload xxl_attn_mlp_r16
 
 Measured in one process, on one workload of benchmarks/step_time.py:
 
@@ -33,7 +33,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -41,10 +40,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import step_time
 from rite_optax import engine
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import step_time  # noqa: E402  (a sibling script, not a package)
 
 PRODUCTS_PER_FACTOR = 9
 FUSED_SOURCE = pathlib.Path(__file__).with_name('fused_passes.cc')

@@ -1,7 +1,7 @@
 """Optimizer-step time of lora_rite vs optax.adam on mT5 LoRA adapter workloads.
 
-    python benchmarks/step_time.py                 # every workload below
-    python benchmarks/step_time.py --workloads xxl_attn_r16 --steps 20
+    python -m benchmarks.step_time                 # every workload below
+    python -m benchmarks.step_time --workloads xxl_attn_r16 --steps 20
 
 Every workload but ``*_scanned`` has one leaf pair per adapter (unscanned
 layers, as in T5X/flaxformer); ``*_scanned`` stacks the layers on a leading

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,17 +78,3 @@ def reference_options(**kw):
 def rite(lr, **kw):
   return rite_optax.lora_rite(lr, **kw)
 
-
-def load_benchmark(name):
-  """``benchmarks/<name>.py`` as module ``name`` (the scripts are not a package).
-
-  Registered in ``sys.modules`` (dataclasses look their module up, and the
-  scripts import each other by name), once per test session.
-  """
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).parents[1] / 'benchmarks' / f'{name}.py'
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]

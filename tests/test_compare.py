@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/compare.py --quick: it runs and writes its outputs."""
+"""Smoke test of python -m benchmarks.compare --quick: it runs and writes its outputs."""
 
 import json
 import os
@@ -12,10 +12,10 @@ def test_compare_quick_writes_table_plots_and_invariance(tmp_path):
   out = tmp_path / 'compare'
   env = dict(os.environ, PYTHONPATH=ROOT)
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'compare.py'),
+      [sys.executable, '-m', 'benchmarks.compare',
        '--quick', '--optimizers', 'lora_rite,adam',
        '--out', str(out)],
-      env=env, capture_output=True, text=True, timeout=300, check=False)
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ('results.md', 'results.json', 'lr_sweep.png', 'curves.png',
                'invariance.png'):

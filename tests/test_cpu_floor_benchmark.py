@@ -6,9 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.helpers import load_benchmark
-
-cpu_floor = load_benchmark('cpu_floor')
+from benchmarks import cpu_floor
 
 
 @pytest.fixture(scope='module', params=[4, 16])

@@ -5,9 +5,7 @@ import optax
 import pytest
 
 import rite_optax
-from tests.helpers import load_benchmark
-
-step_time = load_benchmark('step_time')
+from benchmarks import step_time
 
 
 def test_mt5_workloads_have_the_documented_adapter_counts():
