@@ -19,6 +19,7 @@ row-sharded factor is an r×r all-reduce.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,8 +31,30 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def mm(spec: str, *operands: jax.Array) -> jax.Array:
-  """``einsum`` at ``Precision.HIGHEST``."""
-  return jnp.einsum(spec, *operands, precision=HIGHEST)
+  """``einsum`` at ``Precision.HIGHEST``. A product of two operands is emitted as the
+  one ``dot_general`` it is: the same program, traced without einsum's path search
+  and wrappers, which dominate the trace of a step with hundreds of factors."""
+  if len(operands) != 2:
+    return jnp.einsum(spec, *operands, precision=HIGHEST)
+  dimensions, permutation = _dot_plan(spec)
+  x, y = operands
+  dtype = jnp.result_type(x, y)
+  z = jax.lax.dot_general(x.astype(dtype), y.astype(dtype), dimensions, precision=HIGHEST)
+  return z if permutation == tuple(range(z.ndim)) else jax.lax.transpose(z, permutation)
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_plan(spec: str):
+  """``dot_general``'s dimension numbers for a two-operand einsum ``spec``, and the
+  permutation from its result (batch, x's free, y's free axes) to the spec's output."""
+  inputs, out = spec.split('->')
+  a, b = inputs.split(',')
+  batch = [c for c in a if c in b and c in out]
+  contract = [c for c in a if c in b and c not in out]
+  result = batch + [c for c in a if c not in b] + [c for c in b if c not in a]
+  dimensions = (([a.index(c) for c in contract], [b.index(c) for c in contract]),
+                ([a.index(c) for c in batch], [b.index(c) for c in batch]))
+  return dimensions, tuple(result.index(c) for c in out)
 
 
 def stack(pieces: list[jax.Array] | tuple[jax.Array, ...]) -> jax.Array:
@@ -49,8 +72,9 @@ def after(x: jax.Array, link: jax.Array) -> jax.Array:
   """``x``, unchanged, made to depend on the scalar ``link``: XLA computes ``x``
   (and what uses it) only once ``link`` exists. This orders work by data, the
   only order XLA's CPU scheduler keeps (it drops ``optimization_barrier``s).
-  ``nan_to_num(0·link)`` is 0 whatever the link holds."""
-  return x + jnp.nan_to_num(0.0 * link).astype(x.dtype)
+  ``0·link`` is 0, or NaN for a non-finite link, and the select makes that 0 too."""
+  zero = jax.lax.mul(jnp.asarray(link, x.dtype), jnp.zeros((), x.dtype))
+  return jax.lax.add(x, jax.lax.select(jax.lax.ne(zero, zero), jnp.zeros((), x.dtype), zero))
 
 
 def _symmetric(g: jax.Array) -> jax.Array:

@@ -134,7 +134,26 @@ def save_at_ten(index, path):
   return flat(multihost_utils.process_allgather(at_save, tiled=True))
 
 
-def test_a_checkpoint_of_two_processes_resumes_in_one(tmp_path, unsharded):
+def resume_from(index, path):
+  """Scenario: restore the checkpoint at SAVE_AT in ``path`` onto (2, 4) over every
+  process through ``abstract_state``, train to STEPS; the restored and the final train
+  state, gathered."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  from tests import test_checkpoint as ck  # noqa: PLC0415
+
+  del index
+  trainer = ck.Trainer(*ck.SQUARE_2D)
+  with ocp.CheckpointManager(path) as manager:
+    restored = manager.restore(ck.SAVE_AT, args=ocp.args.StandardRestore(trainer.abstract()))
+  resumed = trainer.run(restored, ck.STEPS - ck.SAVE_AT)
+  gather = lambda tree: flat(multihost_utils.process_allgather(tree, tiled=True))
+  return {f'{name}/{key}': value for name, tree in (('restored', restored), ('resumed', resumed))
+          for key, value in gather(tree).items()}
+
+
+def test_a_checkpoint_of_two_processes_resumes_in_one_and_in_four(tmp_path, unsharded):
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   from tests import test_checkpoint as ck  # noqa: PLC0415
@@ -152,6 +171,18 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(tmp_path, unsharded):
   sh.assert_rounding_level(resumed['params'], baseline_params, exact_params, sh.STEPS)
   sh.assert_rounding_level(sh.z_space(resumed['opt_state']), sh.z_space(baseline_state),
                            sh.z_space(exact_state), sh.STEPS)
+
+  # Four processes of two devices each restore the same files onto the same global mesh.
+  four = multiprocess.launch('tests.test_multihost:resume_from', 4, 2,
+                             args=(str(tmp_path / 'run'),))
+  part = lambda result, name: {k.split('/', 1)[1]: v for k, v in result.items()
+                               if k.startswith(name + '/')}
+  for result in four:
+    ck.assert_bit_identical(unflat(part(result, 'restored'), restored), restored)
+    resumed_in_four = unflat(part(result, 'resumed'), resumed)
+    sh.assert_rounding_level(resumed_in_four['params'], baseline_params, exact_params, sh.STEPS)
+    sh.assert_rounding_level(sh.z_space(resumed_in_four['opt_state']),
+                             sh.z_space(baseline_state), sh.z_space(exact_state), sh.STEPS)
 
 
 def preemptible(index, path, kill):
