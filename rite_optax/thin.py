@@ -43,7 +43,7 @@ def mm(spec: str, *operands: jax.Array) -> jax.Array:
   return z if permutation == tuple(range(z.ndim)) else jax.lax.transpose(z, permutation)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dot_plan(spec: str):
   """``dot_general``'s dimension numbers for a two-operand einsum ``spec``, and the
   permutation from its result (batch, x's free, y's free axes) to the spec's output."""
