@@ -139,3 +139,19 @@ def test_skipping_and_capping_scales():
   m = Thin((jnp.full((2, 3, 2), 2.0),), False)
   np.testing.assert_allclose(fm.capping_scale(m.mean_square(), jnp.asarray(0.5)), [0.25, 0.25])
   np.testing.assert_allclose(fm.capping_scale(m.mean_square(), jnp.asarray(0.0)), [1.0, 1.0])
+
+
+@pytest.mark.parametrize('spec', [
+    'brn,bsn->brs', 'bnr,bns->brs', 'brs,brn->bsn', 'bnr,brs->bns', 'bsr,brn->bsn',
+    'bnr,bsr->bns', 'bsr,bst->brt', 'brs,bst->brt', 'bsn,brn->brs'])
+def test_two_operand_products_are_the_einsum(spec):
+  """thin.mm emits a two-operand product as one dot_general (plus a transpose where the
+  output order needs one): the same values as einsum, for every layout the step uses."""
+  from rite_optax import thin
+
+  sizes = {'b': 3, 'r': 4, 's': 5, 't': 2, 'n': 7}
+  inputs = spec.split('->')[0].split(',')
+  rng = np.random.default_rng(0)
+  x, y = (rng.standard_normal([sizes[c] for c in term]) for term in inputs)
+  np.testing.assert_allclose(np.asarray(thin.mm(spec, jnp.asarray(x), jnp.asarray(y))),
+                             np.einsum(spec, x, y), rtol=1e-12, atol=1e-12)
