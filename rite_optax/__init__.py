@@ -1,19 +1,13 @@
 """rite_optax: LoRA-RITE (Yen et al., ICLR 2025) as optax transformations."""
 
+from rite_optax.alias import factor_labels, lora_rite
+from rite_optax.balance import balance_lora_factors
 from rite_optax.baselines import (
     ScaleByRiemannianAdamState,
     lora_plus,
     riemannian_adam,
     scale_by_riemannian_adam,
     scale_lora_b,
-)
-from rite_optax.lora_rite import (
-    ScaleByLoraRiteState,
-    balance_lora_factors,
-    diagnostics,
-    factor_labels,
-    lora_rite,
-    scale_by_lora_rite,
 )
 from rite_optax.pairing import (
     FactorRule,
@@ -27,7 +21,9 @@ from rite_optax.pairing import (
     qwix,
     regex,
 )
+from rite_optax.readout import diagnostics
 from rite_optax.sharding import abstract_state, state_partition_specs
+from rite_optax.transform import ScaleByLoraRiteState, scale_by_lora_rite
 
 __version__ = '0.1.0'
 

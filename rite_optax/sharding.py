@@ -39,7 +39,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rite_optax import pairing as pairing_lib
-from rite_optax.lora_rite import ScaleByLoraRiteState
+from rite_optax.transform import ScaleByLoraRiteState
 
 _MASKED = optax.MaskedNode
 
