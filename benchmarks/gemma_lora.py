@@ -43,7 +43,7 @@ EVAL_EVERY = 20
 LORA_MODULES = '.*q_einsum|.*kv_einsum|.*attn_vec_einsum|.*gate_proj|.*up_proj|.*down_proj'
 OPTIMIZERS = ('lora_rite', 'adamw', 'lora_plus')
 GRID = (1e-4, 3e-4, 1e-3, 3e-3)
-GRID_LIMITS = (1e-5, 1e-1)
+GRID_LIMITS = (1e-6, 1e-1)
 SCALES = (0.1, 10.0)
 SEEDS = (0, 1, 2)
 
