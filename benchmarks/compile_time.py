@@ -16,12 +16,17 @@ process, the same jitted, donated step (``tx.update`` + ``optax.apply_updates``)
 
 XLA's own flags (``XLA_FLAGS``) apply as usual, so the share of the backend's code
 generation can be read off by rerunning with, e.g.,
-``XLA_FLAGS=--xla_backend_optimization_level=0``.
+``XLA_FLAGS=--xla_backend_optimization_level=0``, and XLA logs every HLO pass with its time
+under ``TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=hlo_pass_pipeline=1``.
+
+``--census N`` instead counts the kernels (fusions and dots) of lora_rite's compiled step at
+N pairs by the rite_optax source line that made them (results/compile_time.md §3).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import math
@@ -72,6 +77,44 @@ def measure(tx, pairs: int) -> dict:
           **hlo_counts(compiled.as_text())}
 
 
+def census(pairs: int) -> collections.Counter:
+  """Kernels of the compiled lora_rite step, by the innermost rite_optax frames that made
+  them (read from the HLO's stack-frame tables)."""
+  text = compiled_text(rite_optax.lora_rite(1e-3), pairs)
+  table = lambda name: dict(re.findall(r'^(\d+) (.*)$', text.split(f'\n{name}\n', 1)[1]
+                                       .split('\n\n', 1)[0], re.M))
+  files, functions = table('FileNames'), table('FunctionNames')
+  locations = {k: re.findall(r'\d+', v)[:3] for k, v in table('FileLocations').items()}
+  frames = {k: re.findall(r'\d+', v)[:2] for k, v in table('StackFrames').items()}
+
+  def where(frame):
+    chain = []
+    while frame:
+      location, parent = frames[frame][0], frames[frame][-1]
+      file, function, line = locations[location]
+      name = files[file].strip('"')
+      if '/rite_optax/' in name:
+        chain.append(f'{name.rsplit("/", 1)[-1]}:{functions[function].strip(chr(34))}:{line}')
+      frame = None if parent == frame else parent
+    return ' < '.join(chain[:2]) or '(no rite_optax frame: the products of thin.mm)'
+
+  entry = text[text.index('\nENTRY'):]
+  kernels = [line for line in entry.splitlines() if re.search(r'= \S+ (fusion|dot)\(', line)]
+  frame = lambda line: (re.findall(r'stack_frame_id=(\d+)', line) or [None])[0]
+  return collections.Counter(where(frame(line)) for line in kernels)
+
+
+def compiled_text(tx, pairs: int) -> str:
+  params = abstract_params(pairs)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step.lower(params, jax.eval_shape(tx.init, params), params).compile().as_text()
+
+
 def exponent(rows: list[dict], key: str = 'compile_s') -> float:
   first, last = rows[0], rows[-1]
   return math.log(last[key] / first[key]) / math.log(last['pairs'] / first['pairs'])
@@ -81,7 +124,13 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--pairs', type=int, nargs='+', default=[72, 144, 288, 432])
   parser.add_argument('--json', default=None, help='also write the rows here')
+  parser.add_argument('--census', type=int, default=None, metavar='N',
+                      help='only count the kernels of the step at N pairs by source line')
   args = parser.parse_args(argv)
+  if args.census:
+    for where, count in census(args.census).most_common():
+      print(f'{count:6d}  {count / (2 * args.census):5.1f} per factor  {where}')
+    return
   optimizers = {'optax.adam': lambda: optax.adam(1e-3), 'lora_rite': lambda: rite_optax.lora_rite(1e-3)}
   rows = {name: [] for name in optimizers}
   print(f'# {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, '
