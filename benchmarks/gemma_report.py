@@ -75,8 +75,13 @@ def _value(record, metric) -> float:
 
 
 def _sweep_table(done, task, metric) -> list[str]:
-  lrs = sorted({r['run']['lr'] for r in done.values() if r['run']['task'] == task})
-  lines = ['| optimizer | ' + ' | '.join(f'{lr:g}' for lr in lrs) + ' |',
+  seed0 = [r for r in done.values() if r['run']['task'] == task and r['run']['seed'] == 0
+           and r['run']['scale'] == 1.0]
+  if not seed0:
+    return ['(no run yet)']
+  lrs = sorted({r['run']['lr'] for r in seed0})
+  lines = [f'Before training (the base model): {seed0[0]["evals"][0][metric]:.4f}.', '',
+           '| optimizer | ' + ' | '.join(f'{lr:g}' for lr in lrs) + ' |',
            '|---|' + '---:|' * len(lrs)]
   for name in gl.OPTIMIZERS:
     cells = []
@@ -135,14 +140,16 @@ def _plots(done, out: pathlib.Path) -> None:
         ax.plot(*zip(*points, strict=True), 'o-', label=LABELS[name])
     ax.set(xscale='log', xlabel='peak learning rate', ylabel=f'held-out {metric}',
            title=f'{task}: seed 0, {gl.STEPS} steps')
-    ax.legend()
+    if ax.lines:
+      ax.legend()
   for name in gl.OPTIMIZERS:
     lr = gl.best_lr(done, 'pydoc', name, 'loss')
     record = lr and done.get(gl.Run('pydoc', name, lr).name)
     if record:
       axes[2].plot(record['train_loss'], label=f'{LABELS[name]} (lr {lr:g})', alpha=0.8)
   axes[2].set(xlabel='step', ylabel='train loss (restricted softmax)', title='pydoc, best LR')
-  axes[2].legend()
+  if axes[2].lines:
+    axes[2].legend()
   fig.tight_layout()
   fig.savefig(out / 'gemma_lora.png', dpi=90)
   plt.close(fig)
