@@ -120,7 +120,7 @@ def _invariance_table(done) -> list[str]:
       continue
     losses = [_value(r, 'loss') for r in runs]
     lines.append(f'| {LABELS[name]} | {lr:g} | ' + ' | '.join(f'{x:.4f}' for x in losses)
-                 + f' | {max(abs(x - losses[1]) for x in losses):.4f} |')
+                 + f' | {max(abs(x - losses[1]) for x in losses):.1e} |')
   return lines
 
 
