@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import step_time
-from rite_optax import engine
+from rite_optax import steering
 
 PRODUCTS_PER_FACTOR = 9
 FUSED_SOURCE = pathlib.Path(__file__).with_name('fused_passes.cc')
@@ -69,7 +69,7 @@ def eigh_ms(factors: int, rank: int, reps: int) -> float:
   """One step's r×r eigendecompositions: a Gram and a second moment per factor."""
   a = jax.random.normal(jax.random.key(0), (factors, rank, rank), jnp.float32)
   batch = a @ jnp.swapaxes(a, -1, -2)  # symmetric positive definite, like Grams and V
-  eigh = jax.jit(lambda b: engine.eigh_each([b]))
+  eigh = jax.jit(lambda b: steering.eigh_each([b]))
   return 2 * best_ms(eigh, batch, reps=reps)
 
 

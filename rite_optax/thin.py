@@ -68,16 +68,8 @@ def unstack(stacked: jax.Array, sizes: list[int]) -> list[jax.Array]:
   return jnp.split(stacked, offsets, axis=0) if offsets else [stacked]
 
 
-def after(x: jax.Array, link: jax.Array) -> jax.Array:
-  """``x``, unchanged, made to depend on the scalar ``link``: XLA computes ``x``
-  (and what uses it) only once ``link`` exists. This orders work by data, the
-  only order XLA's CPU scheduler keeps (it drops ``optimization_barrier``s).
-  ``0·link`` is 0, or NaN for a non-finite link, and the select makes that 0 too."""
-  zero = jax.lax.mul(jnp.asarray(link, x.dtype), jnp.zeros((), x.dtype))
-  return jax.lax.add(x, jax.lax.select(jax.lax.ne(zero, zero), jnp.zeros((), x.dtype), zero))
-
-
-def _symmetric(g: jax.Array) -> jax.Array:
+def symmetric(g: jax.Array) -> jax.Array:
+  """(G + Gᵀ)/2 over the last two axes."""
   return 0.5 * (g + jnp.swapaxes(g, -1, -2))
 
 
@@ -103,19 +95,7 @@ class Thin(NamedTuple):
 
   def gram(self) -> jax.Array:
     """Xᵀ X per adapter, stacked ``(B, r, r)``, symmetrized once for the stack."""
-    return _symmetric(stack(self.cross(self)))
-
-  def product_gram(self, small: jax.Array) -> jax.Array:
-    """(X S)ᵀ (X S) per adapter, stacked, for a stacked ``(B, r, s)`` S: each X S is
-    formed, reduced and freed before the next piece's is formed (:func:`after`),
-    so that only one is alive at a time; left to itself, XLA's scheduler forms
-    every X S first and holds them all."""
-    grams, previous = [], None
-    for x, s in zip(self.pieces, self.split(small), strict=True):
-      u = Thin((x,), self.rank_major).times(
-          s if previous is None else after(s, previous[0, 0, 0]))
-      grams.append(previous := u.cross(u)[0])
-    return _symmetric(stack(grams))
+    return symmetric(stack(self.cross(self)))
 
   def times(self, small: jax.Array | list[jax.Array]) -> Thin:
     """X S per adapter, for a stacked ``(B, r, s)`` S or one ``(batch_i, r, s)`` per piece."""
@@ -142,15 +122,6 @@ class Thin(NamedTuple):
     """``fn`` applied piece by piece to this and ``others`` (elementwise maths)."""
     return self._with([fn(*xs) for xs in zip(self.pieces, *(o.pieces for o in others),
                                              strict=True)])
-
-  def link(self) -> jax.Array:
-    """A scalar that exists once the first piece does (see :func:`after`): the sum
-    of its first column, over all its adapters. Not a corner: a mesh shards the
-    rows and the adapters, and a corner of a sharded array is read by gathering
-    or masking it; a column sum is a scalar all-reduce. (XLA's cost model counts
-    the column as a read of the whole piece.)"""
-    x = self.pieces[0]
-    return jnp.sum(x[:, 0, :] if self.rank_major else x[:, :, 0])
 
   def mean_square(self) -> jax.Array:
     """RMS² per adapter, stacked ``(B,)``."""

@@ -25,9 +25,6 @@ from rite_optax import pairing as pairing_lib
 # and the traced options in range): both skip the step together.
 _OTHERS_OK = 'lora_rite_others_ok'
 
-# engine.Leaves field <- ScaleByLoraRiteState field, for the params-structured state.
-_STATE_FIELDS = (('moments', 'first_moment'), ('bases', 'basis'),
-                 ('seconds', 'second_moment'), ('escapes', 'escaped_mass'))
 
 
 class ScaleByLoraRiteState(NamedTuple):
@@ -76,7 +73,7 @@ def _check_shapes(paired: Any, leaves: engine.Leaves) -> None:
   """Gradients and state must have the shapes of the factors ``init`` saw."""
   for view in (v for pair in paired.pairs for v in (pair.a, pair.b)):
     for what, leaf in (('its gradient', leaves.grads[view.index]),
-                       ('its LoRA-RITE state (from init)', leaves.moments[view.index])):
+                       ('its LoRA-RITE state (from init)', leaves.first_moment[view.index])):
       if tuple(leaf.shape) != tuple(view.shape):
         raise ValueError(
             f'{view.path}: the factor has shape {tuple(view.shape)} but {what} has shape'
@@ -196,7 +193,7 @@ def _next_state(state: ScaleByLoraRiteState, out: engine.Leaves, scalars: core.S
   return ScaleByLoraRiteState(
       count=state.count + finite.astype(state.count.dtype),
       skipped=state.skipped + (~finite).astype(state.skipped.dtype),
-      **{field: jax.tree.unflatten(treedef, getattr(out, name)) for name, field in _STATE_FIELDS},
+      **{field: jax.tree.unflatten(treedef, getattr(out, field)) for field in engine.STATE},
       skipped_factors=keep_old(scalars.skipped_factors, state.skipped_factors),
       skipped_factors_total=keep_old(
           state.skipped_factors_total + scalars.skipped_factors, state.skipped_factors_total),
@@ -244,7 +241,7 @@ def _scale_by_lora_rite(
     grads, treedef = jax.tree.flatten(updates)
     leaves = engine.Leaves(
         factors=jax.tree.leaves(params), grads=grads,
-        **{name: treedef.flatten_up_to(getattr(state, field)) for name, field in _STATE_FIELDS})
+        **{field: treedef.flatten_up_to(getattr(state, field)) for field in engine.STATE})
     _check_shapes(paired, leaves)
     dtype = _state_dtype(paired.pairs)
     out, scalars = engine.step(hyper, paired.pairs, leaves, state.count.astype(dtype), dtype,

@@ -20,4 +20,4 @@ def test_the_census_attributes_every_kernel():
   entry = text[text.index('\nENTRY'):]
   kernels = sum(1 for line in entry.splitlines() if ' fusion(' in line or ' dot(' in line)
   assert sum(counts.values()) == kernels
-  assert any(where.startswith('thin.py:Thin.link') for where in counts)  # the ordering links
+  assert any(where.startswith('steering.py:link') for where in counts)  # the ordering links

@@ -1,5 +1,5 @@
-"""The executor's layout and scheduling decisions (rite_optax/engine.py), each checked on
-the compiled step: every test here fails when its workaround is removed."""
+"""The compiler steering (rite_optax/steering.py, used by rite_optax/engine.py), each
+decision checked on the compiled step: every test here fails when its workaround is removed."""
 
 import functools
 import re
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 import rite_optax
-from rite_optax import core, engine, thin
+from rite_optax import steering, thin
 
 
 def lora_params(pairs, rows, rank, seed=0, rank2=None):
@@ -49,7 +49,7 @@ def factor_copies(hlo: str, rows: int, rank: int) -> int:
 
 
 def test_new_bases_and_params_overwrite_their_donated_buffers():
-  """_after: without it XLA copies every U_prev and every X before the basis write."""
+  """steering.gated: without it XLA copies every U_prev and every X before the basis write."""
   rows, rank = 2048, 16  # above STACK_BELOW: one piece per factor
   compiled = compiled_step(lora_params(4, rows, rank))
   assert factor_copies(compiled.as_text(), rows, rank) == 0
@@ -57,7 +57,7 @@ def test_new_bases_and_params_overwrite_their_donated_buffers():
 
 def test_planted_write_flag_without_the_reads_brings_back_the_copies(monkeypatch):
   rows, rank = 2048, 16
-  monkeypatch.setattr(engine, '_after', lambda flag, arrays: flag)
+  monkeypatch.setattr(steering, 'gated', lambda flag, links: flag)
   compiled = compiled_step(lora_params(4, rows, rank))
   assert factor_copies(compiled.as_text(), rows, rank) > 0
 
@@ -73,7 +73,7 @@ def test_program_grows_linearly_with_pieces_and_groups(monkeypatch):
   pairs as from 8 to 16 (one group), and per added group the same from 1 to 2 groups
   as from 2 to 3 (measured 1.00 and 1.00; a flag summed over the stack gives 1.36,
   additions over groups 1.10)."""
-  monkeypatch.setattr(engine, 'GROUP_PAIRS', 8)
+  monkeypatch.setattr(steering, 'GROUP_PAIRS', 8)
   size = {n: instructions(compiled_step(lora_params(n, 1024, 16))) for n in (2, 4, 8, 16, 24)}
   assert (size[8] - size[4]) / 4 < 1.15 * (size[4] - size[2]) / 2, size
   assert size[24] - size[16] < 1.04 * (size[16] - size[8]), size
@@ -93,13 +93,13 @@ def test_step_moves_23_factor_sized_passes_and_holds_no_factor_sized_temporaries
   """The compiled step (update + apply) reads and writes under 25.2 params' worth of
   bytes as XLA's cost model counts them (measured 24.9; optax.adam: 10), and holds
   under a quarter of the params in XLA temp (measured 0.17): the pieces run one
-  after another (_in_order, Thin.product_gram) and the new bases are formed
-  straight into the state (core.kept_basis). The cost model also counts the branch
-  that reads the gradients when a Gram overflowed (engine._gradients_finite), never
+  after another (steering.in_order, steering.product_gram) and the new bases are
+  formed straight into the state (steering.branch). The cost model also counts the
+  branch that reads the gradients when a Gram overflowed (steering.gradients_finite), never
   taken otherwise: one params' worth (measured 1.00), and no temp."""
   temp, passes = cost(lora_params(8, 2048, 16))
-  monkeypatch.setattr(engine, '_gradients_finite',
-                      lambda grams, grads: engine._all_finite([g.grad for g in grams]))
+  monkeypatch.setattr(steering, 'gradients_finite',
+                      lambda grad_grams, grads: steering.all_finite(grad_grams))
   temp_without, passes_without = cost(lora_params(8, 2048, 16))
   assert passes_without < 25.2
   assert temp_without < 0.25
@@ -108,20 +108,22 @@ def test_step_moves_23_factor_sized_passes_and_holds_no_factor_sized_temporaries
 
 
 def test_planted_select_for_the_basis_costs_three_passes(monkeypatch):
-  def select(x, r_pinv, prev, applied):
-    new = x.times(r_pinv)
-    return new._with([jnp.where(applied, u, p) for u, p in zip(new.pieces, prev.pieces)])
-  monkeypatch.setattr(core, 'kept_basis', select)
+  def select(applied, new, kept):
+    return kept._with([jnp.where(applied, u, p) for u, p in zip(new().pieces, kept.pieces)])
+  monkeypatch.setattr(steering, 'branch', select)
   assert cost(lora_params(8, 2048, 16))[1] > 26.5
 
 
 def test_planted_unordered_pieces_hold_the_params_in_temp(monkeypatch):
-  monkeypatch.setattr(engine, '_in_order', lambda p, r, k, link: (p, r, k))
+  monkeypatch.setattr(steering, 'in_order', lambda p, r, k, previous: (p, r, k))
   assert cost(lora_params(8, 2048, 16))[0] > 0.9  # measured 1.13
 
 
 def test_planted_unordered_gram_pieces_hold_the_params_in_temp(monkeypatch):
-  monkeypatch.setattr(thin, 'after', lambda x, previous: x)
+  def unordered(x, small):
+    return thin.symmetric(thin.stack([u.cross(u)[0] for u in (
+        thin.Thin((p,), x.rank_major).times(s) for p, s in zip(x.pieces, x.split(small)))]))
+  monkeypatch.setattr(steering, 'product_gram', unordered)
   assert cost(lora_params(8, 2048, 16))[0] > 0.9  # measured 1.05
 
 
@@ -131,13 +133,13 @@ def test_bytes_per_pair_do_not_grow_with_pairs(monkeypatch):
   group (64 pairs of 512×16 in one group: +16% over 16 pairs)."""
   per_pair = lambda n: cost(lora_params(n, 512, 16))[1]
   assert per_pair(64) < 1.03 * per_pair(16)
-  monkeypatch.setattr(engine, 'GROUP_PAIRS', 10**6)
+  monkeypatch.setattr(steering, 'GROUP_PAIRS', 10**6)
   assert per_pair(64) > 1.1 * per_pair(16)
 
 
 def test_small_factors_of_a_side_run_as_one_stacked_piece():
   """STACK_BELOW: a group of small pairs compiles to about as many matmuls as 2 pairs."""
-  n = engine.GROUP_PAIRS
+  n = steering.GROUP_PAIRS
   dots = lambda n: len(re.findall(r' dot\(|ynn_fusion', entry(
       compiled_step(lora_params(n, 64, 8)).as_text())))
   assert dots(n) <= dots(2) + 4 * n  # the per-pair extras are slices, not matmuls
@@ -145,7 +147,7 @@ def test_small_factors_of_a_side_run_as_one_stacked_piece():
 
 
 def test_on_cpu_every_eigh_runs_in_a_sequential_loop():
-  """_eigh: a batched LAPACK eigh on the CPU intra-op pool can deadlock (two at once)."""
+  """steering._eigh: a batched LAPACK eigh on the CPU intra-op pool can deadlock (two at once)."""
   compiled = compiled_step(lora_params(3, 64, 4, rank2=8))
   hlo = compiled.as_text()
   assert 'eigh' in hlo.lower() or 'syevd' in hlo.lower()
@@ -156,16 +158,16 @@ def test_on_cpu_every_eigh_runs_in_a_sequential_loop():
 def test_eigh_calls_for_different_ranks_are_chained():
   """eigh_each: calls for different r are ordered by an optimization barrier."""
   mats = [jnp.eye(3)[None], jnp.eye(5)[None]]
-  jaxpr = str(jax.make_jaxpr(engine.eigh_each)(mats))
+  jaxpr = str(jax.make_jaxpr(steering.eigh_each)(mats))
   assert 'optimization_barrier' in jaxpr
-  for m, (lam, q) in zip(mats, engine.eigh_each(mats)):
+  for m, (lam, q) in zip(mats, steering.eigh_each(mats)):
     np.testing.assert_allclose(q @ (lam[..., None] * np.swapaxes(q, 1, 2)), m, atol=1e-12)
 
 
 def test_stacked_and_separate_pieces_give_the_same_step(monkeypatch):
   """Stacking is a layout decision only: the trajectory is the same either way."""
   def run(stack_below):
-    monkeypatch.setattr(engine, 'STACK_BELOW', stack_below)
+    monkeypatch.setattr(steering, 'STACK_BELOW', stack_below)
     params = jax.tree.map(lambda x: x.astype(jnp.float64), lora_params(3, 32, 4))
     grads = jax.tree.map(lambda x: 0.1 * jnp.cos(x), params)
     tx = rite_optax.lora_rite(1e-2)
@@ -175,6 +177,6 @@ def test_stacked_and_separate_pieces_give_the_same_step(monkeypatch):
       params = optax.apply_updates(params, updates)
     return params, state
 
-  stacked, separate = run(engine.STACK_BELOW), run(0)
+  stacked, separate = run(steering.STACK_BELOW), run(0)
   for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(separate)):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from rite_optax import core, engine
+from rite_optax import core, steering
 from rite_optax import factor_math as fm
 from rite_optax.thin import Thin
 
@@ -25,7 +25,8 @@ def conditioned(rng, rows, r, cond, dtype):
 def basis(x, rank_major=False):
   """(U, R⁺) of one stack, through core's step 1 (x in the layout given)."""
   thin = Thin((x,), rank_major)
-  r_pinv = core.basis(thin, engine.eigh_each([thin.gram()])[0])
+  r1_pinv, keep = core.pseudo_inverse(steering.eigh_each([thin.gram()])[0], x.dtype)
+  r_pinv = core.basis(r1_pinv, keep, thin.times(r1_pinv).gram())
   return thin.times(r_pinv).pieces[0], r_pinv
 
 
@@ -87,13 +88,13 @@ def test_any_orthonormal_basis_gives_the_same_update(rows, r, seed):
     g = Thin((grad,), False)
     seen = core.unmagnified(core.Grams(x=None, grad=g.gram()), r_pinv)
     zeros = Thin((jnp.zeros_like(grad),), False)
-    side = core.Side(x=Thin((x,), False), grad=g, moment=zeros, basis=zeros,
-                     second=jnp.zeros((1, r, r)), escaped=jnp.zeros(1))
+    side = core.Side(x=Thin((x,), False), grad=g, first_moment=zeros, basis=zeros,
+                     second_moment=jnp.zeros((1, r, r)), escaped_mass=jnp.zeros(1))
     true, zero = jnp.asarray(True), jnp.asarray(0.0)
     v = core.second_moment(side, seen, [jnp.zeros((1, r, r))], jnp.ones(1), zero, true)
-    k = core.preconditioner(jnp.linalg.eigh(v.new), jnp.zeros(1), r_pinv, jnp.ones(1), HYPER)
-    written = core.write(side, [jnp.zeros((1, r, r))], r_pinv, k, v, jnp.zeros(1), zero, true,
-                         zeros, HYPER)
+    k = core.preconditioner(core.Eigh(*jnp.linalg.eigh(v.new)), jnp.zeros(1), r_pinv,
+                            jnp.ones(1), HYPER)
+    written = core.write(side, [jnp.zeros((1, r, r))], r_pinv, k, zero, true, HYPER)
     return written.delta.pieces[0]
 
   # x = U R = (U O)(Oᵀ R), so the rotated pseudo-inverse is R⁺ O.
@@ -119,7 +120,7 @@ def test_eigh_each_keeps_order_across_ranks():
   for r, b in ((3, 2), (5, 1), (3, 4)):
     s = rng.standard_normal((b, r, r))
     mats.append(jnp.asarray(s + np.swapaxes(s, 1, 2)))
-  for m, (lam, q) in zip(mats, engine.eigh_each(mats)):
+  for m, (lam, q) in zip(mats, steering.eigh_each(mats)):
     np.testing.assert_allclose(q @ (lam[..., None] * np.swapaxes(q, 1, 2)), m, atol=1e-12)
 
 
