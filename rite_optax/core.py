@@ -15,8 +15,7 @@ side of the same adapters). The step has three phases:
 
 Nothing factor-sized crosses the global reduction: phase 1 keeps only r×r
 matrices, and phase 3 forms the new basis ``U = X R⁺`` from the factor again.
-Eigendecompositions, the Gram of ``X R₁⁺`` and the totals over all sides come in
-as arguments: :mod:`.engine` forms them as :mod:`.steering` says, across groups.
+Eigendecompositions and the Gram of ``X R₁⁺`` come in as arguments: :mod:`.engine` forms them as :mod:`.steering` says, across groups.
 """
 
 from __future__ import annotations
@@ -140,15 +139,10 @@ def kept(seen: Seen, size: int, hyper: Hyper) -> jax.Array:
       seen.squared_norm, size, jnp.asarray(hyper.update_skipping, seen.squared_norm.dtype))
 
 
-def kept_squared_norm(seen: Seen, kept_: jax.Array) -> jax.Array:
-  """‖ḡ‖²_F of each adapter that step 3 keeps, 0 for the others, ``(B,)``."""
-  return jnp.where(kept_ > 0, seen.squared_norm, 0.0)
-
-
-def global_scalars(kept_total: jax.Array, kept_: list[jax.Array], hyper: Hyper,
+def global_scalars(seen: list[Seen], kept_: list[jax.Array], hyper: Hyper, dtype,
                    inputs_ok: jax.Array) -> Scalars:
-  """Step 4: whether the step is applied, and the global clip scale, from
-  ``kept_total``, the sum of :func:`kept_squared_norm` over every side.
+  """Step 4: whether the step is applied, and the global clip scale, from every side's
+  unmagnified gradient statistics and step 3's verdict.
 
   ``inputs_ok``: every gradient and every R⁺ finite, and whatever the caller folds
   in (the fallback leaves' gradients, the learning rates, traced options). A huge
@@ -157,7 +151,8 @@ def global_scalars(kept_total: jax.Array, kept_: list[jax.Array], hyper: Hyper,
   applied when its inputs are sound and the norm of the kept ḡ is finite (it is
   not only when nothing skips an overflowing adapter).
   """
-  grad_norm = jnp.sqrt(kept_total)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.where(k > 0, sn.squared_norm, 0.0)).astype(dtype)
+                           for sn, k in zip(seen, kept_, strict=True)))
   finite = inputs_ok & jnp.isfinite(grad_norm)
   clip = jnp.asarray(hyper.clip_unmagnified_grad, grad_norm.dtype)
   clip_scale = jnp.where(

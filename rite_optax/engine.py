@@ -237,10 +237,7 @@ def step(hyper: core.Hyper, pairs, leaves: Leaves, count: jax.Array, dtype,
   factor_grads = [leaves.grads[v.index] for p in pairs for v in (p.a, p.b)]
   inputs_ok = (others_ok & steering.all_finite(_flat(r_pinv))
                & steering.gradients_finite([g.grad for g in _flat(grams)], factor_grads))
-  kept_total = steering.total(
-      [core.kept_squared_norm(sn, k) for sn, k in zip(_flat(seen), _flat(kept), strict=True)],
-      dtype)
-  scalars = core.global_scalars(kept_total, _flat(kept), hyper, inputs_ok)
+  scalars = core.global_scalars(_flat(seen), _flat(kept), hyper, dtype, inputs_ok)
   new = _phase3(hyper, gs, sides, r_pinv, seen, kept, scalars, count)
 
   rows = {}

@@ -17,8 +17,6 @@ in ``tests/test_engine.py`` that fails without it, and its measurements are in
   buffers instead of copying them;
 - **branches instead of selects** (:func:`branch`, :func:`gradients_finite`):
   factor-sized work that runs only when it is needed;
-- **one-op totals** (:func:`total`): a global scalar XLA does not copy into every
-  kernel that reads it;
 - **eigh batching and ordering** (:func:`eigh_each`): one batched call per rank,
   one call at a time, and a sequential loop on CPU.
 """
@@ -154,14 +152,6 @@ def gradients_finite(grad_grams: list[jax.Array], grads: list[jax.Array]) -> jax
   """
   return jax.lax.cond(all_finite(grad_grams), lambda: jnp.array(True),
                       lambda: all_finite(grads))
-
-
-def total(xs: list[jax.Array], dtype) -> jax.Array:
-  """Σ of the sums of ``xs``, as one operation: the last entry of a cumulative sum.
-  XLA turns a plain sum of a list into a chain of additions and copies cheap
-  scalar arithmetic into every kernel that reads its result, so the program would
-  grow with groups × pieces."""
-  return jnp.cumsum(jnp.stack([jnp.sum(x).astype(dtype) for x in xs]))[-1]
 
 
 def _eigh(batch: jax.Array) -> Eigh:

@@ -39,11 +39,11 @@ def test_step_objects_are_immutable():
     assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, cls
 
 
-STEERING = ('optimization_barrier', 'lax.cond', 'jnp.cumsum', 'platform_dependent', 'after(')
+STEERING = ('optimization_barrier', 'lax.cond', 'platform_dependent', 'after(')
 
 
 def test_compiler_steering_lives_in_one_module_and_the_math_does_not_import_it():
-  """Ordering links, branches, one-op totals and the eigh loop are in steering.py only;
+  """Ordering links, branches and the eigh loop are in steering.py only;
   core.py (the math) imports neither it nor the executor."""
   found = {(path.name, word) for path in PACKAGE.glob('*.py') for word in STEERING
            if word in path.read_text()}
