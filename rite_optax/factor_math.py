@@ -14,15 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from rite_optax.thin import mm as _mm
+from rite_optax.thin import symmetric
 
 
 def compute_dtype(dtype) -> jnp.dtype:
   """float64 for float64 params, float32 for everything else (bf16 included)."""
   return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32)
-
-
-def symmetrize(x: jax.Array) -> jax.Array:
-  return 0.5 * (x + jnp.swapaxes(x, -1, -2))
 
 
 def bias_corrected_decay(count: jax.Array, decay: jax.Array) -> jax.Array:
@@ -81,7 +78,7 @@ def matmul_small(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def unmagnified_gram(grad_gram: jax.Array, partner_r_pinv: jax.Array) -> jax.Array:
   """ḡᵀḡ = R_B⁺ᵀ (∇Aᵀ∇A) R_B⁺, from the gradient's r×r Gram: ḡ is never formed."""
-  return symmetrize(_mm('bsr,bst,btu->bru', partner_r_pinv, grad_gram, partner_r_pinv))
+  return symmetric(_mm('bsr,bst,btu->bru', partner_r_pinv, grad_gram, partner_r_pinv))
 
 
 def squared_norm(gbar_gram: jax.Array) -> jax.Array:
@@ -100,7 +97,7 @@ def kept_by_skipping(
 
 def transported_second_moment(v: jax.Array, transport: jax.Array) -> jax.Array:
   """Ṽ = sym(P V Pᵀ)."""
-  return symmetrize(_mm('brs,bst,but->bru', transport, v, transport))
+  return symmetric(_mm('brs,bst,but->bru', transport, v, transport))
 
 
 def second_moment(
@@ -147,7 +144,7 @@ def inverse_root(
     eps = jnp.where(lam_max > 0, eps * jnp.sqrt(lam_max), eps)
   null = lam <= jnp.finfo(lam.dtype).eps * lam_max
   scale = jnp.where(null, 0.0, 1.0 / (jnp.sqrt(lam + rho[:, None]) + eps))
-  return symmetrize(_mm('brs,bs,bts->brt', q, scale, q))
+  return symmetric(_mm('brs,bs,bts->brt', q, scale, q))
 
 
 def capping_scale(mean_square: jax.Array, capping: jax.Array) -> jax.Array:
